@@ -1,0 +1,1 @@
+"""objfs master: cluster membership and preload jobs (not built yet)."""

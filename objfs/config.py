@@ -1,0 +1,180 @@
+"""Typed, frozen daemon settings, validated once at the edge.
+
+The CLI turns argv into a ``MountConfig`` through ``MountConfig.create``; every bad value is
+rejected there with a one-line ``ConfigError`` naming the flag. The core never reads argv or the
+environment (credentials are the AWS chain's business, resolved by botocore in ``store``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from objfs.errors import ConfigError
+
+MiB = 1024 * 1024
+
+# S3 bucket names (AWS rules, slightly relaxed: S3-compatible stores allow '_' and capitals).
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` -> (bucket, prefix) where prefix is '' or ends with '/'."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"not an s3:// URL: {url!r} (expected s3://BUCKET[/PREFIX])")
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"no bucket in {url!r} (expected s3://BUCKET[/PREFIX])")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"invalid bucket name {bucket!r} in {url!r}")
+    prefix = prefix.strip("/")
+    if prefix:
+        if "//" in prefix or "\0" in prefix:
+            raise ConfigError(f"invalid prefix {prefix!r} in {url!r}")
+        if any(part in (".", "..") for part in prefix.split("/")):
+            raise ConfigError(f"prefix {prefix!r} may not contain '.' or '..' segments")
+        prefix += "/"
+    return bucket, prefix
+
+
+def _parse_mode(value: str | int, flag: str) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: {value!r} is not an octal mode like 0644") from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"{flag}: {value!r} is out of range (0000-7777)")
+    return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    """Backoff for origin requests: full jitter, capped, bounded by a total time budget."""
+
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+    max_attempts: int = 8
+    budget_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.base_delay_s <= 0 or self.max_delay_s < self.base_delay_s:
+            raise ConfigError("retry delays must be positive and base <= max")
+        if self.max_attempts < 1:
+            raise ConfigError("retry attempts must be >= 1")
+        if self.budget_s <= 0:
+            raise ConfigError("retry budget must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Where the origin is and how to talk to it."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_connections: int = 64
+    retry: RetryConfig = RetryConfig()
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", self.endpoint):
+            raise ConfigError(
+                f"--endpoint: {self.endpoint!r} is not an http(s)://HOST[:PORT] URL")
+        if self.max_connections < 1:
+            raise ConfigError("max connections must be >= 1")
+
+    @property
+    def identity(self) -> str:
+        """What the metadata tree in a cache dir belongs to."""
+        return f"{self.endpoint or 'aws'}|{self.region}|{self.bucket}|{self.prefix}"
+
+
+def default_cache_root() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/objfs")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "objfs"
+
+
+def default_cache_dir(store: StoreConfig) -> Path:
+    digest = hashlib.sha256(store.identity.encode()).hexdigest()[:12]
+    return default_cache_root() / f"{store.bucket}-{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MountConfig:
+    """Everything one mount needs; built by ``create`` from CLI values."""
+
+    store: StoreConfig
+    mountpoint: Path
+    cache_dir: Path
+    foreground: bool = False
+    read_only: bool = True
+    ttl_s: float = 300.0
+    attr_timeout_s: float = 1.0
+    allow_other: bool = False
+    uid: int = dataclasses.field(default_factory=os.getuid)
+    gid: int = dataclasses.field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    fuse_options: tuple[str, ...] = ()
+    fuse_workers: int = 16
+    read_parallelism: int = 8         # ranged GETs in flight for one large read
+    read_request_bytes: int = 8 * MiB  # split coalesced ranges into GETs of at most this
+    log_level: str = "INFO"
+    log_file: Path | None = None
+
+    @classmethod
+    def create(cls, *, url: str, mountpoint: str, endpoint: str | None = None,
+               region: str | None = None, cache_dir: str | None = None,
+               ttl: float | None = None, uid: int | None = None, gid: int | None = None,
+               file_mode: str | None = None, dir_mode: str | None = None,
+               fuse_options: list[str] | None = None, **rest: object) -> "MountConfig":
+        """Validate CLI-level values and build the config. Raises ConfigError."""
+        bucket, prefix = parse_s3_url(url)
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
+            or "us-east-1"
+        store = StoreConfig(bucket=bucket, prefix=prefix,
+                            endpoint=endpoint.rstrip("/") if endpoint else None, region=region)
+        mp = Path(mountpoint).expanduser()
+        mp = Path(os.path.abspath(mp))
+        cdir = Path(os.path.abspath(Path(cache_dir).expanduser())) if cache_dir \
+            else default_cache_dir(store)
+        options: list[str] = []
+        for opt in fuse_options or []:
+            options.extend(o.strip() for o in opt.split(",") if o.strip())
+        kwargs: dict[str, object] = dict(rest)
+        if ttl is not None:
+            if ttl <= 0:
+                raise ConfigError(f"--ttl: must be positive seconds, got {ttl}")
+            kwargs["ttl_s"] = float(ttl)
+        for name, value in (("uid", uid), ("gid", gid)):
+            if value is not None:
+                if value < 0:
+                    raise ConfigError(f"--{name}: must be >= 0, got {value}")
+                kwargs[name] = value
+        if file_mode is not None:
+            kwargs["file_mode"] = _parse_mode(file_mode, "--file-mode")
+        if dir_mode is not None:
+            kwargs["dir_mode"] = _parse_mode(dir_mode, "--dir-mode")
+        config = cls(store=store, mountpoint=mp, cache_dir=cdir,
+                     fuse_options=tuple(options), **kwargs)  # type: ignore[arg-type]
+        return config
+
+    def __post_init__(self) -> None:
+        if self.fuse_workers < 1:
+            raise ConfigError("--fuse-workers must be >= 1")
+        if self.attr_timeout_s < 0:
+            raise ConfigError("--attr-timeout must be >= 0")
+        if self.read_parallelism < 1:
+            raise ConfigError("--read-parallelism must be >= 1")
+        if self.read_request_bytes < MiB or self.read_request_bytes % MiB:
+            raise ConfigError("read request size must be a positive multiple of 1 MiB")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"--log-level: unknown level {self.log_level!r}")

@@ -1,0 +1,270 @@
+"""Lifecycle of one mount: preflight checks, start-up, the refresher, shutdown.
+
+``preflight`` runs in the CLI process before it forks (no threads exist yet, so forking is
+safe): it validates the mount point and the cache dir and takes the cache dir's lock, so the
+most common mistakes fail fast with one line. ``run`` does the rest in the daemon process:
+start the event loop, prove the origin is reachable with these credentials, open (or build)
+the metadata tree, mount, report readiness through ``ready``, and serve until unmounted or
+signalled (SIGTERM/SIGINT/SIGHUP end the FUSE loop; the mount is then removed).
+
+A cold mount (no complete tree in the cache dir) lists the prefix before it reports ready, so
+the first ``ls`` sees everything. A remount with a complete tree serves at once; the
+``Refresher`` keeps the tree no older than the TTL in the background.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from objfs.config import MountConfig
+from objfs.errors import ConfigError, ObjfsError
+from objfs.loop import EventLoopThread
+from objfs.metrics import Metrics
+from objfs.reader import OriginReader
+from objfs.store import ObjectInfo, ObjectStore
+from objfs.tree import MetadataTree
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "objfs.log"
+
+
+def mounted_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at ``path`` (from /proc/self/mountinfo), or None."""
+    target = os.path.realpath(path) if os.path.exists(path) else str(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        mount_point = fields[4].encode().decode("unicode_escape")
+        if mount_point == target or mount_point == str(path):
+            sep = fields.index("-")
+            found = fields[sep + 1]  # the last (topmost) mount wins
+    return found
+
+
+def check_mountpoint(config: MountConfig) -> None:
+    mp = config.mountpoint
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise ConfigError(f"mount point {mp} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(f"{mp} is a dead FUSE mount (its daemon is gone); "
+                              f"run: objfs umount {mp}") from None
+        raise ConfigError(f"mount point {mp}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"mount point {mp} is not a directory")
+    if os.path.ismount(mp) or mounted_fstype(mp) is not None:
+        raise ConfigError(f"{mp} is already a mount point")
+    if "nonempty" not in config.fuse_options and any(os.scandir(mp)):
+        raise ConfigError(f"mount point {mp} is not empty (pass -o nonempty to mount over it)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise ConfigError("FUSE is not available here: /dev/fuse is missing or not accessible "
+                          "(install fuse3 and load the fuse module)")
+
+
+def prepare_cache_dir(config: MountConfig) -> int:
+    """Create/validate the cache dir and lock it for this mount; return the lock fd."""
+    cdir = config.cache_dir
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"cache dir {cdir} is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create cache dir {cdir}: {exc.strerror}") from None
+    if not cdir.is_dir():
+        raise ConfigError(f"cache dir {cdir} is not a directory")
+    probe = cdir / f".probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cache dir {cdir} is not writable: {exc.strerror}") from None
+    lock_path = cdir / "lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = lock_path.read_text().strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"cache dir {cdir} is in use by another objfs daemon (pid {owner}); "
+                          "give each mount its own --cache-dir") from None
+    return fd
+
+
+def write_lock_owner(lock_fd: int) -> None:
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def preflight(config: MountConfig) -> int:
+    """All checks that need neither threads nor network. Returns the cache-dir lock fd."""
+    check_mountpoint(config)
+    return prepare_cache_dir(config)
+
+
+def setup_logging(config: MountConfig, to_stderr: bool) -> Path:
+    log_path = config.log_file or (config.cache_dir / LOG_FILE)
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.WatchedFileHandler(log_path)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    for noisy in ("botocore", "boto3", "urllib3", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return log_path
+
+
+class Refresher:
+    """Keeps the tree no older than the TTL: a background thread that relists the prefix."""
+
+    def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float,
+                 on_changed: Callable[[list[int]], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._tree = tree
+        self._store = store
+        self._ttl_s = ttl_s
+        self._on_changed = on_changed
+        self._clock = clock
+        self._stop = threading.Event()
+        self._retry_at: float | None = None  # refresher thread only
+        self._thread = threading.Thread(target=self._run, name="objfs-refresh", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _due_in(self) -> float:
+        if self._retry_at is not None:
+            return max(0.0, self._retry_at - self._clock())
+        listed_at = self._tree.listed_at()
+        if listed_at is None:
+            return 0.0
+        return max(0.0, listed_at + self._ttl_s - self._clock())
+
+    def stopped(self) -> bool:
+        """True once the thread is gone (a refresh may outlive ``stop``'s join timeout)."""
+        return not self._thread.is_alive()
+
+    def _pages(self, scope: str) -> Iterator[list[ObjectInfo]]:
+        for page in self._store.list_pages(self._store.config.prefix + scope):
+            if self._stop.is_set():
+                raise ObjfsError("refresh cancelled: shutting down")
+            yield page
+
+    def refresh_now(self, scope: str = "") -> None:
+        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed)
+        log.info("refreshed %s: %d objects listed, %d added, %d changed, %d removed, "
+                 "%d invalid keys skipped in %.2fs", scope or "/", stats.objects, stats.added,
+                 stats.changed, stats.removed, stats.skipped_invalid, stats.duration_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._due_in()):
+            try:
+                self.refresh_now()
+                self._retry_at = None
+            except ObjfsError as exc:
+                delay = min(self._ttl_s, 30.0)
+                log.warning("metadata refresh failed, retrying in %.0fs: %s", delay, exc)
+                self._retry_at = self._clock() + delay
+            except Exception:
+                delay = min(self._ttl_s, 30.0)
+                log.exception("metadata refresh failed unexpectedly, retrying in %.0fs", delay)
+                self._retry_at = self._clock() + delay
+
+
+def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) -> int:
+    """Serve the mount. ``ready(None)`` once mounted, ``ready(message)`` on a start-up error."""
+    from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
+    from objfs.fs import Filesystem
+
+    write_lock_owner(lock_fd)
+    metrics = Metrics()
+    loop = EventLoopThread().start()
+    store: ObjectStore | None = None
+    tree: MetadataTree | None = None
+    refresher: Refresher | None = None
+    mounted = False
+    try:
+        store = ObjectStore(config.store, loop, metrics=metrics)
+        store.check_access()
+        tree = MetadataTree(config.cache_dir / "tree", prefix=config.store.prefix,
+                            identity=config.store.identity, metrics=metrics)
+        reader = OriginReader(store, loop, metrics=metrics,
+                              request_pages=config.read_request_bytes // (1024 * 1024),
+                              parallelism=config.read_parallelism)
+        url = f"s3://{config.store.bucket}/{config.store.prefix}".rstrip("/")
+        fs = Filesystem(config, tree, reader, metrics=metrics, xattrs={
+            "user.objfs.pid": str(os.getpid()),
+            "user.objfs.cache_dir": str(config.cache_dir),
+            "user.objfs.source": url,
+            "user.objfs.endpoint": config.store.endpoint or "",
+        })
+        if tree.listed_at() is None:
+            log.info("no complete metadata tree in %s: listing %s", config.cache_dir, url)
+            started = time.monotonic()
+            stats = tree.refresh(store.list_pages())
+            log.info("listed %d objects (%d invalid keys skipped) in %.2fs", stats.objects,
+                     stats.skipped_invalid, time.monotonic() - started)
+        refresher = Refresher(tree, store, config.ttl_s, fs.changed)
+        refresher.start()
+        options = fuse_adapter.mount_options(
+            fsname=f"objfs:{config.store.bucket}/{config.store.prefix}".rstrip("/"),
+            allow_other=config.allow_other, read_only=config.read_only,
+            extra=config.fuse_options)
+
+        def on_mounted() -> None:
+            nonlocal mounted
+            mounted = True
+            log.info("mounted %s at %s (pid %d)", url, config.mountpoint, os.getpid())
+            ready(None)
+
+        signum = fuse_adapter.serve(fs, str(config.mountpoint), options, config.fuse_workers,
+                                    on_mounted=on_mounted)
+        log.info("unmounted %s (%s)", config.mountpoint,
+                 f"signal {signum}" if signum else "unmount request")
+        return 0
+    except ObjfsError as exc:
+        log.error("%s", exc)
+        if not mounted:
+            ready(str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("objfs daemon failed")
+        if not mounted:
+            ready(f"unexpected error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if refresher is not None:
+            refresher.stop()
+        if store is not None:
+            store.close()
+        loop.stop()
+        if tree is not None and (refresher is None or refresher.stopped()):
+            tree.close()  # else a refresh still writes to it; the process exit ends it

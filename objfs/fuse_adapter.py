@@ -1,0 +1,185 @@
+"""The thin llfuse adapter: the ONLY module that imports llfuse.
+
+Each handler converts arguments, calls the filesystem core with the llfuse global lock
+released (the core has its own locks, and misses block on the event loop), and converts the
+result. Errors are mapped in one place, ``_errors``: an ``ObjfsError`` becomes its errno; any
+other exception is logged with its traceback and becomes EIO, because llfuse ends its main
+loop on an exception that is not ``FUSEError``. Handlers accept ``ctx=None``: llfuse 1.5.2
+calls some of them (getxattr from setxattr) without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import stat
+from collections.abc import Iterator
+from typing import Any
+
+import llfuse
+
+from objfs.errors import ObjfsError, ReadOnly
+from objfs.fs import Attributes, Filesystem
+from objfs.tree import Kind
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _errors(op: str) -> Iterator[None]:
+    try:
+        yield
+    except llfuse.FUSEError:
+        raise
+    except ObjfsError as exc:
+        log.log(exc.log_level, "%s: %s", op, exc)
+        raise llfuse.FUSEError(exc.errno) from None
+    except Exception:
+        log.exception("%s failed unexpectedly", op)
+        raise llfuse.FUSEError(errno.EIO) from None
+
+
+def _entry(attrs: Attributes) -> llfuse.EntryAttributes:
+    entry = llfuse.EntryAttributes()
+    entry.st_ino = attrs.ino
+    entry.generation = 0
+    entry.entry_timeout = attrs.timeout_s
+    entry.attr_timeout = attrs.timeout_s
+    entry.st_mode = attrs.mode
+    entry.st_nlink = attrs.nlink
+    entry.st_uid = attrs.uid
+    entry.st_gid = attrs.gid
+    entry.st_rdev = 0
+    entry.st_size = attrs.size
+    entry.st_blksize = attrs.blksize
+    entry.st_blocks = attrs.blocks
+    entry.st_atime_ns = attrs.mtime_ns
+    entry.st_mtime_ns = attrs.mtime_ns
+    entry.st_ctime_ns = attrs.mtime_ns
+    return entry
+
+
+class FuseOperations(llfuse.Operations):
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        fs.invalidate_inodes = self._invalidate_inodes
+
+    def _invalidate_inodes(self, inos: list[int]) -> None:
+        # Called from the refresher thread, which never holds the llfuse lock.
+        for ino in inos:
+            try:
+                llfuse.invalidate_inode(ino, attr_only=False)
+            except OSError as exc:  # ENOENT: the kernel does not know the inode
+                if exc.errno != errno.ENOENT:
+                    log.debug("invalidate_inode(%d): %s", ino, exc)
+
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        with _errors("lookup"), llfuse.lock_released:
+            return _entry(self.fs.lookup(parent_inode, name))
+
+    def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        with _errors("getattr"), llfuse.lock_released:
+            return _entry(self.fs.getattr(inode))
+
+    def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        with _errors("access"), llfuse.lock_released:
+            self.fs.access(inode, mode)
+            return True
+
+    def opendir(self, inode: int, ctx: Any = None) -> int:
+        with _errors("opendir"), llfuse.lock_released:
+            return self.fs.opendir(inode)
+
+    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+        # A generator: llfuse drives it with the lock held; each step is one LMDB cursor move.
+        with _errors("readdir"):
+            for name, ino, kind, next_off in self.fs.readdir(fh, off):
+                entry = llfuse.EntryAttributes()
+                entry.st_ino = ino
+                entry.st_mode = stat.S_IFDIR if kind is Kind.DIR else stat.S_IFREG
+                yield name, entry, next_off
+
+    def releasedir(self, fh: int) -> None:
+        with _errors("releasedir"):
+            self.fs.releasedir(fh)
+
+    def open(self, inode: int, flags: int, ctx: Any = None) -> int:
+        with _errors("open"), llfuse.lock_released:
+            return self.fs.open(inode, flags)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors("read"), llfuse.lock_released:
+            return self.fs.read(fh, off, size)
+
+    def release(self, fh: int) -> None:
+        with _errors("release"):
+            self.fs.release(fh)
+
+    def flush(self, fh: int) -> None:
+        return None
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Inode numbers are stable and never reused, so there is no lookup count to keep.
+        return None
+
+    def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        with _errors("getxattr"), llfuse.lock_released:
+            try:
+                return self.fs.getxattr(inode, name)
+            except ObjfsError as exc:
+                if exc.errno == errno.ENODATA:
+                    raise llfuse.FUSEError(llfuse.ENOATTR) from None
+                raise
+
+    def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        with _errors("listxattr"), llfuse.lock_released:
+            return self.fs.listxattr(inode)
+
+    def statfs(self, ctx: Any = None) -> llfuse.StatvfsData:
+        with _errors("statfs"), llfuse.lock_released:
+            data = llfuse.StatvfsData()
+            for name, value in self.fs.statfs().items():
+                setattr(data, name, value)
+            return data
+
+    # ---- mutations: read-only for now ------------------------------------------------------
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise llfuse.FUSEError(ReadOnly.errno)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only
+
+
+def mount_options(*, fsname: str, allow_other: bool, read_only: bool, extra: tuple[str, ...]) -> set[str]:
+    options = set(llfuse.default_options)
+    options.add(f"fsname={fsname}")
+    options.add("subtype=objfs")
+    options.add("default_permissions")
+    if read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    options.update(extra)
+    return options
+
+
+def serve(fs: Filesystem, mountpoint: str, options: set[str], workers: int,
+          on_mounted: Any = None) -> int | None:
+    """Mount, call ``on_mounted()``, run the FUSE loop until unmount or signal; then clean up.
+
+    Returns the signal number that stopped the loop, or None if it was unmounted.
+    """
+    ops = FuseOperations(fs)
+    llfuse.init(ops, mountpoint, options)
+    unmount = True
+    try:
+        if on_mounted is not None:
+            on_mounted()
+        result = llfuse.main(workers=workers)
+        unmount = result is not None  # unmounted from outside: nothing left to unmount
+        return result
+    finally:
+        llfuse.close(unmount=unmount)

@@ -1,0 +1,51 @@
+"""Counters with stable names, cheap enough for the per-read hot path.
+
+Each thread increments its own shard (a plain dict reached through a ``threading.local``), so
+counting takes no lock and never contends; ``snapshot`` sums the shards. Names carry their unit
+(``_bytes``, ``_total``, ``_s``). Gauges are callables sampled at snapshot time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._shards: list[dict[str, float]] = []  # guarded by _shards_lock (appends only)
+        self._shards_lock = threading.Lock()
+        self._gauges: dict[str, Callable[[], float]] = {}
+
+    def _shard(self) -> dict[str, float]:
+        shard = getattr(self._local, "shard", None)
+        if shard is None:
+            shard = self._local.shard = {}
+            with self._shards_lock:
+                self._shards.append(shard)
+        return shard
+
+    def inc(self, name: str, value: float = 1) -> None:
+        shard = self._shard()
+        shard[name] = shard.get(name, 0) + value
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        self._gauges[name] = read
+
+    def snapshot(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        with self._shards_lock:
+            shards = list(self._shards)
+        for shard in shards:
+            for name, value in list(shard.items()):
+                totals[name] = totals.get(name, 0) + value
+        for name, read in self._gauges.items():
+            try:
+                totals[name] = read()
+            except Exception:  # a broken gauge must not break the snapshot
+                continue
+        return totals
+
+    def get(self, name: str) -> float:
+        return self.snapshot().get(name, 0)

@@ -1,0 +1,433 @@
+"""The metadata tree: the bucket prefix as inodes and dentries in LMDB.
+
+Why LMDB: lookup/getattr/readdir are served from a memory-mapped B-tree shared by all FUSE
+worker threads without a Python dict of the whole namespace, so memory stays flat at millions
+of objects, and the tree survives restarts (a remount serves at once).
+
+How it is built: one flat ListObjectsV2 of the prefix, streamed page by page (``apply_page``
+runs one write transaction per page of <= 1000 keys). Directories are inferred from key
+prefixes; ``dir/`` marker objects are directories. Every entry written by a refresh is stamped
+with that refresh's *generation*; when the listing is complete, ``sweep`` deletes entries of
+the listed scope with an older generation (deleted at the origin). Readers see the tree change
+page by page, never a torn record.
+
+Layout (sub-databases); every LMDB key is at most 8 + 255 bytes, under LMDB's 511-byte limit,
+whatever the length of the S3 key:
+  meta      b"format", b"identity", b"next_ino", b"gen", b"listed_at"
+  inodes    ino (8 bytes BE) -> record (see ``_RECORD``), relpath last
+  dentries  parent ino (8 BE) + name (UTF-8) -> child ino (8 BE) + kind (1)   [name order]
+  shadowed  parent ino (8 BE) + name -> file ino (8 BE): a file hidden by a same-named dir
+A listed entry keeps its inode number for as long as it exists (found again through its
+dentry), across refreshes and restarts; numbers are never reused.
+
+Names: a key whose segments cannot be POSIX names (empty, '.', '..', NUL, > 255 bytes) is
+skipped, counted and logged once. A key that is both an object and a prefix of other keys
+(``a`` and ``a/b``) shows as the directory; the object ``a`` is hidden while the directory
+exists (as Mountpoint does) and comes back when it goes away.
+
+Concurrency: LMDB allows one writer and many readers; refreshes are serialized by
+``_refresh_lock`` and the reader methods are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import lmdb
+from cachetools import LRUCache
+
+from objfs.errors import NotFound
+from objfs.metrics import Metrics
+from objfs.store import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+TREE_FORMAT = b"1"
+_U64 = struct.Struct(">Q")
+# format(1) kind(1) parent(8) size(8) mtime_ns(8, signed) gen(8) etag_len(2); etag; relpath
+_RECORD = struct.Struct(">BBQQqQH")
+_RECORD_VERSION = 1
+_GEN = struct.Struct(">Q")
+_GEN_OFFSET = 26  # where ``gen`` sits in _RECORD, read without decoding the whole record
+MAX_NAME_BYTES = 255
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inode:
+    ino: int
+    kind: Kind
+    parent: int
+    size: int
+    mtime_ns: int
+    gen: int
+    etag: str
+    relpath: str  # path below the mount prefix; directories end with '/', root is ''
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is Kind.DIR
+
+    def encode(self) -> bytes:
+        etag = self.etag.encode()
+        return _RECORD.pack(_RECORD_VERSION, self.kind, self.parent, self.size, self.mtime_ns,
+                            self.gen, len(etag)) + etag + self.relpath.encode()
+
+    @classmethod
+    def decode(cls, ino: int, data: bytes) -> "Inode":
+        version, kind, parent, size, mtime_ns, gen, etag_len = _RECORD.unpack_from(data)
+        if version != _RECORD_VERSION:
+            raise ValueError(f"inode record version {version}")
+        body = data[_RECORD.size:]
+        return cls(ino, Kind(kind), parent, size, mtime_ns, gen,
+                   body[:etag_len].decode(), body[etag_len:].decode())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    ino: int
+    kind: Kind
+
+
+@dataclasses.dataclass
+class RefreshStats:
+    scope: str
+    objects: int = 0
+    skipped_invalid: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    duration_s: float = 0.0
+
+
+def invalid_reason(relpath: str) -> str | None:
+    """Why ``relpath`` (without a trailing '/') cannot be a POSIX path, or None if it can."""
+    if "\0" in relpath:
+        return "contains NUL"
+    for segment in relpath.split("/"):
+        if segment == "":
+            return "empty path segment"
+        if segment in (".", ".."):
+            return f"'{segment}' segment"
+        if len(segment.encode()) > MAX_NAME_BYTES:
+            return f"segment longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _dentry_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+class MetadataTree:
+    """The LMDB-backed tree of one mount. Reader methods are thread-safe."""
+
+    def __init__(self, path: Path, *, prefix: str, identity: str,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+                 map_size: int = 1 << 36) -> None:
+        self.prefix = prefix
+        self._metrics = metrics or Metrics()
+        self._clock = clock
+        self._refresh_lock = threading.Lock()  # one writer of refresh state at a time
+        self._logged_invalid: LRUCache[str, bool] = LRUCache(maxsize=10_000)  # refresh thread
+        path.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._env = self._open(path, map_size)
+        with self._env.begin() as txn:
+            fmt = txn.get(b"format", db=self._meta)
+            ident = txn.get(b"identity", db=self._meta)
+        if fmt is not None and (fmt != TREE_FORMAT or ident != identity.encode()):
+            log.warning("metadata tree in %s belongs to %s (format %s); rebuilding it",
+                        path, (ident or b"?").decode(errors="replace"),
+                        fmt.decode(errors="replace"))
+            self._env.close()
+            shutil.rmtree(path)
+            path.mkdir(parents=True)
+            self._env = self._open(path, map_size)
+            fmt = None
+        if fmt is None:
+            self._initialize(identity)
+
+    def _open(self, path: Path, map_size: int) -> lmdb.Environment:
+        # sync=False: a crash may lose the last transactions but never corrupts the tree, and
+        # the tree is a cache of the origin's listing; refresh() syncs when it completes.
+        env = lmdb.open(str(path), map_size=map_size, max_dbs=8, max_readers=1024,
+                        sync=False, metasync=False, readahead=False)
+        self._meta = env.open_db(b"meta")
+        self._inodes = env.open_db(b"inodes")
+        self._dentries = env.open_db(b"dentries")
+        self._shadowed = env.open_db(b"shadowed")
+        return env
+
+    def _initialize(self, identity: str) -> None:
+        root = Inode(ROOT_INO, Kind.DIR, ROOT_INO, 0, int(self._clock() * 1e9), 0, "", "")
+        with self._env.begin(write=True) as txn:
+            txn.put(b"format", TREE_FORMAT, db=self._meta)
+            txn.put(b"identity", identity.encode(), db=self._meta)
+            txn.put(b"next_ino", _U64.pack(ROOT_INO + 1), db=self._meta)
+            txn.put(b"gen", _U64.pack(0), db=self._meta)
+            txn.put(_U64.pack(ROOT_INO), root.encode(), db=self._inodes)
+        self._env.sync(True)
+
+    def close(self) -> None:
+        self._env.sync(True)
+        self._env.close()
+
+    # ---- readers ---------------------------------------------------------------------------
+
+    def listed_at(self) -> float | None:
+        """Wall-clock start time of the last complete full listing, or None if never."""
+        with self._env.begin() as txn:
+            raw = txn.get(b"listed_at", db=self._meta)
+        return float(raw.decode()) if raw else None
+
+    def get(self, ino: int) -> Inode:
+        with self._env.begin() as txn:
+            raw = txn.get(_U64.pack(ino), db=self._inodes)
+        if raw is None:
+            raise NotFound(f"inode {ino}")
+        return Inode.decode(ino, raw)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        with self._env.begin() as txn:
+            raw = txn.get(_dentry_key(parent, name), db=self._dentries)
+            if raw is None:
+                raise NotFound(name.decode(errors="replace"))
+            ino_b = raw[:8]
+            rec = txn.get(ino_b, db=self._inodes)
+        if rec is None:
+            raise NotFound(name.decode(errors="replace"))
+        return Inode.decode(_U64.unpack(ino_b)[0], rec)
+
+    def readdir(self, parent: int, after: bytes | None = None) -> Iterator[DirEntry]:
+        """Children of ``parent`` in name order, starting after ``after`` (exclusive).
+
+        Streams from a cursor: resuming costs one seek, never a rescan.
+        """
+        base = _U64.pack(parent)
+        with self._env.begin(db=self._dentries) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(base + (after if after is not None else b"")):
+                return
+            for key, value in cursor:
+                if not key.startswith(base):
+                    return
+                name = key[8:]
+                if after is not None and name == after:
+                    continue
+                yield DirEntry(name, _U64.unpack_from(value)[0], Kind(value[8]))
+
+    def count(self) -> int:
+        with self._env.begin() as txn:
+            return txn.stat(self._inodes)["entries"]
+
+    # ---- refresh (writer) ------------------------------------------------------------------
+
+    def refresh(self, pages: Iterable[list[ObjectInfo]], scope: str = "",
+                on_changed: Callable[[list[int]], None] | None = None) -> RefreshStats:
+        """Apply a complete flat listing of ``prefix + scope`` and sweep what it did not list.
+
+        ``scope`` is '' (the whole mount) or a directory relpath ending with '/'. If the
+        listing raises, nothing is swept (a partial listing never deletes entries).
+        ``on_changed`` receives inode numbers whose content version changed or went away.
+        """
+        if scope and not scope.endswith("/"):
+            raise ValueError("scope must be '' or end with '/'")
+        with self._refresh_lock:
+            started = self._clock()
+            t0 = time.monotonic()
+            stats = RefreshStats(scope=scope)
+            gen = self._next_generation()
+            for page in pages:
+                changed = self._apply_page(page, gen, stats)
+                if changed and on_changed is not None:
+                    on_changed(changed)
+            removed = self._sweep(scope, gen, stats)
+            if removed and on_changed is not None:
+                on_changed(removed)
+            if scope == "":
+                with self._env.begin(write=True) as txn:
+                    txn.put(b"listed_at", repr(started).encode(), db=self._meta)
+            self._env.sync(True)
+            stats.duration_s = time.monotonic() - t0
+            self._metrics.inc("tree_refreshes_total")
+            self._metrics.inc("tree_refresh_seconds_total", stats.duration_s)
+            self._metrics.inc("tree_invalid_keys_skipped_total", stats.skipped_invalid)
+            return stats
+
+    def _next_generation(self) -> int:
+        with self._env.begin(write=True) as txn:
+            gen = _U64.unpack(txn.get(b"gen", db=self._meta))[0] + 1
+            txn.put(b"gen", _U64.pack(gen), db=self._meta)
+        return gen
+
+    def _apply_page(self, page: list[ObjectInfo], gen: int, stats: RefreshStats) -> list[int]:
+        changed: list[int] = []
+        # Directories already stamped with this generation in this page: ordered listings touch
+        # the same few ancestors over and over, so this saves most LMDB writes.
+        stamped: dict[str, int] = {"": ROOT_INO}
+        with self._env.begin(write=True) as txn:
+            next_ino = _U64.unpack(txn.get(b"next_ino", db=self._meta))[0]
+            for obj in page:
+                stats.objects += 1
+                if not obj.key.startswith(self.prefix):
+                    continue
+                rel = obj.key[len(self.prefix):]
+                if rel == "":
+                    continue  # the marker of the mount prefix itself
+                is_marker = rel.endswith("/")
+                path = rel[:-1] if is_marker else rel
+                reason = invalid_reason(path)
+                if reason is not None:
+                    stats.skipped_invalid += 1
+                    if obj.key not in self._logged_invalid:
+                        self._logged_invalid[obj.key] = True
+                        log.warning("skipping key %r: not a valid file name (%s)", obj.key, reason)
+                    continue
+                segments = path.split("/")
+                dir_segments = segments if is_marker else segments[:-1]
+                parent = ROOT_INO
+                dirpath = ""
+                for segment in dir_segments:
+                    dirpath += segment + "/"
+                    ino = stamped.get(dirpath)
+                    if ino is None:
+                        ino, next_ino = self._stamp_dir(txn, parent, segment, dirpath, gen,
+                                                        obj.mtime_ns if dirpath == rel else None,
+                                                        next_ino, stats)
+                        stamped[dirpath] = ino
+                    parent = ino
+                if not is_marker:
+                    next_ino = self._stamp_file(txn, parent, segments[-1], rel, obj, gen,
+                                                next_ino, stats, changed)
+            txn.put(b"next_ino", _U64.pack(next_ino), db=self._meta)
+        return changed
+
+    def _stamp_dir(self, txn: lmdb.Transaction, parent: int, name: str, dirpath: str, gen: int,
+                   marker_mtime_ns: int | None, next_ino: int,
+                   stats: RefreshStats) -> tuple[int, int]:
+        dkey = _dentry_key(parent, name.encode())
+        current = txn.get(dkey, db=self._dentries)
+        if current is not None and current[8] == Kind.DIR:
+            raw_ino = current[:8]
+            ino = _U64.unpack(raw_ino)[0]
+            rec = Inode.decode(ino, txn.get(raw_ino, db=self._inodes))
+            if rec.gen != gen or (marker_mtime_ns is not None and rec.mtime_ns != marker_mtime_ns):
+                rec = dataclasses.replace(rec, gen=gen, mtime_ns=marker_mtime_ns or rec.mtime_ns)
+                txn.put(raw_ino, rec.encode(), db=self._inodes)
+            return ino, next_ino
+        if current is not None:
+            # A file of the same name: the directory wins, the file waits in ``shadowed``.
+            txn.put(dkey, current[:8], db=self._shadowed)
+        ino = next_ino
+        raw_ino = _U64.pack(ino)
+        mtime = marker_mtime_ns if marker_mtime_ns is not None else int(self._clock() * 1e9)
+        txn.put(raw_ino, Inode(ino, Kind.DIR, parent, 0, mtime, gen, "", dirpath).encode(),
+                db=self._inodes)
+        txn.put(dkey, raw_ino + bytes((Kind.DIR,)), db=self._dentries)
+        stats.added += 1
+        return ino, next_ino + 1
+
+    def _stamp_file(self, txn: lmdb.Transaction, parent: int, name: str, rel: str,
+                    obj: ObjectInfo, gen: int, next_ino: int, stats: RefreshStats,
+                    changed: list[int]) -> int:
+        dkey = _dentry_key(parent, name.encode())
+        current = txn.get(dkey, db=self._dentries)
+        shadowed = current is not None and current[8] == Kind.DIR
+        raw_ino = txn.get(dkey, db=self._shadowed) if shadowed else \
+            (current[:8] if current is not None else None)
+        if raw_ino is not None:
+            ino = _U64.unpack(raw_ino)[0]
+            old = Inode.decode(ino, txn.get(raw_ino, db=self._inodes))
+            if old.etag != obj.etag or old.size != obj.size:
+                changed.append(ino)
+                stats.changed += 1
+            elif old.gen == gen and old.mtime_ns == obj.mtime_ns:
+                return next_ino
+        else:
+            ino = next_ino
+            next_ino += 1
+            raw_ino = _U64.pack(ino)
+            txn.put(dkey, raw_ino, db=self._shadowed) if shadowed else \
+                txn.put(dkey, raw_ino + bytes((Kind.FILE,)), db=self._dentries)
+            stats.added += 1
+        rec = Inode(ino, Kind.FILE, parent, obj.size, obj.mtime_ns, gen, obj.etag, rel)
+        txn.put(raw_ino, rec.encode(), db=self._inodes)
+        return next_ino
+
+    def _scope_inos(self, txn: lmdb.Transaction, scope: str) -> Iterator[bytes]:
+        """Inode keys (8 bytes) of everything under ``scope``, the scope dir excluded."""
+        if scope == "":
+            cursor = txn.cursor(db=self._inodes)
+            for raw_ino in cursor.iternext(keys=True, values=False):
+                if raw_ino != _U64.pack(ROOT_INO):
+                    yield raw_ino
+            return
+        parent = ROOT_INO
+        for segment in scope.rstrip("/").split("/"):
+            raw = txn.get(_dentry_key(parent, segment.encode()), db=self._dentries)
+            if raw is None or raw[8] != Kind.DIR:
+                return
+            parent = _U64.unpack_from(raw)[0]
+        pending = [parent]  # directories still to walk: ints, bounded by the number of dirs
+        while pending:
+            base = _U64.pack(pending.pop())
+            for db in (self._dentries, self._shadowed):
+                cursor = txn.cursor(db=db)
+                if not cursor.set_range(base):
+                    continue
+                for key, value in cursor:
+                    if not key.startswith(base):
+                        break
+                    yield value[:8]
+                    if len(value) > 8 and value[8] == Kind.DIR:
+                        pending.append(_U64.unpack_from(value)[0])
+
+    def _sweep(self, scope: str, gen: int, stats: RefreshStats) -> list[int]:
+        """Delete entries under ``scope`` older than ``gen``; return their inode numbers."""
+        with self._env.begin() as txn:
+            stale = [raw_ino for raw_ino in self._scope_inos(txn, scope)
+                     if _GEN.unpack_from(txn.get(raw_ino, db=self._inodes), _GEN_OFFSET)[0] < gen]
+        if stale:
+            with self._env.begin(write=True) as txn:
+                for raw_ino in stale:
+                    self._remove(txn, raw_ino, gen)
+            stats.removed += len(stale)
+        return [_U64.unpack(raw_ino)[0] for raw_ino in stale]
+
+    def _remove(self, txn: lmdb.Transaction, raw_ino: bytes, gen: int) -> None:
+        rec_raw = txn.get(raw_ino, db=self._inodes)
+        if rec_raw is None:
+            return
+        txn.delete(raw_ino, db=self._inodes)
+        rec = Inode.decode(_U64.unpack(raw_ino)[0], rec_raw)
+        name = rec.relpath.rstrip("/").rsplit("/", 1)[-1].encode()
+        dkey = _dentry_key(rec.parent, name)
+        if txn.get(dkey, db=self._shadowed) == raw_ino:
+            txn.delete(dkey, db=self._shadowed)
+            return
+        current = txn.get(dkey, db=self._dentries)
+        if current is None or current[:8] != raw_ino:
+            return
+        txn.delete(dkey, db=self._dentries)
+        if rec.kind is Kind.DIR:
+            # A file hidden by this directory shows again if it is still current.
+            twin = txn.get(dkey, db=self._shadowed)
+            if twin is not None:
+                txn.delete(dkey, db=self._shadowed)
+                twin_rec = txn.get(twin, db=self._inodes)
+                if twin_rec is not None and Inode.decode(0, twin_rec).gen >= gen:
+                    txn.put(dkey, twin + bytes((Kind.FILE,)), db=self._dentries)

@@ -1,0 +1,1 @@
+"""objfs.tools: the ``objfs`` command line (argument parsing and printing only)."""

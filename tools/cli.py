@@ -1,0 +1,201 @@
+"""The ``objfs`` command: argument parsing, daemonizing and printing; the work is elsewhere.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit: ``ObjfsError``
+messages are printed as they are, argparse reports bad flags (exit 2), and nothing prints a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from objfs import __version__
+from objfs.config import MountConfig
+from objfs.errors import ConfigError, ObjfsError
+
+
+def _add_mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]", help="what to mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    p.add_argument("--endpoint", help="S3 endpoint URL (default: AWS S3)")
+    p.add_argument("--region", help="region for signing (default: AWS_REGION or us-east-1)")
+    p.add_argument("--cache-dir", help="metadata tree and page cache (default: "
+                   "/var/cache/objfs/BUCKET-HASH as root, else ~/.cache/objfs/...)")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="do not daemonize; log to stderr")
+    p.add_argument("--ttl", type=float, metavar="SECONDS",
+                   help="metadata staleness bound: relist the prefix this often (default 300)")
+    p.add_argument("--attr-timeout", type=float, metavar="SECONDS", dest="attr_timeout_s",
+                   default=1.0, help="how long the kernel may cache attributes (default 1)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (e.g. the training job's) use the mount")
+    p.add_argument("--uid", type=int, help="owner shown for files (default: daemon's uid)")
+    p.add_argument("--gid", type=int, help="group shown for files (default: daemon's gid)")
+    p.add_argument("--file-mode", help="permission bits of files, octal (default 0644)")
+    p.add_argument("--dir-mode", help="permission bits of directories, octal (default 0755)")
+    p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
+                   help="extra FUSE mount options, passed through")
+    p.add_argument("--fuse-workers", type=int, default=16, help="FUSE worker threads")
+    p.add_argument("--read-parallelism", type=int, default=8,
+                   help="ranged GETs in flight for one read (default 8)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-file", type=Path, help="log here (default: CACHE_DIR/objfs.log)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="objfs", description="Mount an S3 bucket prefix.")
+    parser.add_argument("--version", action="version", version=f"objfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_mount = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] at MOUNTPOINT")
+    _add_mount_args(p_mount)
+    p_mount.set_defaults(func=cmd_mount)
+    p_umount = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    p_umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_umount.add_argument("--timeout", type=float, default=30.0,
+                          help="seconds to wait for the daemon to exit (default 30)")
+    p_umount.set_defaults(func=cmd_umount)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> MountConfig:
+    return MountConfig.create(
+        url=args.url, mountpoint=args.mountpoint, endpoint=args.endpoint, region=args.region,
+        cache_dir=args.cache_dir, ttl=args.ttl, uid=args.uid, gid=args.gid,
+        file_mode=args.file_mode, dir_mode=args.dir_mode, fuse_options=args.fuse_options,
+        foreground=args.foreground, allow_other=args.allow_other,
+        attr_timeout_s=args.attr_timeout_s, fuse_workers=args.fuse_workers,
+        read_parallelism=args.read_parallelism, log_level=args.log_level,
+        log_file=args.log_file)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from objfs import daemon
+
+    config = _config_from_args(args)
+    lock_fd = daemon.preflight(config)
+    if config.foreground:
+        daemon.setup_logging(config, to_stderr=True)
+        return daemon.run(config, lock_fd, ready=lambda msg: None)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        code = 1
+        try:
+            log_path = daemon.setup_logging(config, to_stderr=False)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(log_fd, 2)  # libfuse and crashes write here
+            os.close(devnull)
+            os.close(log_fd)
+
+            def ready(message: str | None) -> None:
+                line = "ready\n" if message is None else f"error {message}\n"
+                try:
+                    os.write(write_fd, line.encode())
+                    os.close(write_fd)
+                except OSError:
+                    pass
+
+            code = daemon.run(config, lock_fd, ready)
+        finally:
+            os._exit(code)
+
+    os.close(write_fd)
+    os.close(lock_fd)  # the daemon holds its own copy of the lock
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").rstrip("\n")
+    if line == "ready":
+        return 0
+    if line.startswith("error "):
+        os.waitpid(pid, 0)
+        raise ObjfsError(line[len("error "):])
+    _, status = os.waitpid(pid, 0)
+    log_path = config.log_file or (config.cache_dir / daemon.LOG_FILE)
+    raise ObjfsError(f"the daemon exited during start-up (status {status}); see {log_path}")
+
+
+def _unmount_command(mountpoint: str) -> list[str]:
+    if os.geteuid() == 0:
+        return ["umount", mountpoint]
+    for tool in ("fusermount", "fusermount3"):
+        if shutil.which(tool):
+            return [tool, "-u", mountpoint]
+    return ["umount", mountpoint]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from objfs.daemon import mounted_fstype
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    fstype = mounted_fstype(Path(mountpoint))
+    if fstype is None:
+        raise ConfigError(f"{mountpoint} is not mounted")
+    if fstype != "fuse.objfs":
+        raise ConfigError(f"{mountpoint} is not an objfs mount (it is {fstype})")
+    pid: int | None = None
+    try:
+        pid = int(os.getxattr(mountpoint, "user.objfs.pid"))
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            pid = None  # a dead daemon: just remove the mount
+    result = subprocess.run(_unmount_command(mountpoint), capture_output=True, text=True,
+                            timeout=30)
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        detail = message[-1] if message else f"exit {result.returncode}"
+        if "busy" in detail.lower():
+            raise ObjfsError(f"{mountpoint} is busy (files are open or a process has its cwd "
+                             f"there): {detail}", errno_value=errno.EBUSY)
+        raise ObjfsError(f"cannot unmount {mountpoint}: {detail}")
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise ObjfsError(f"unmounted {mountpoint}, but daemon pid {pid} has not exited "
+                                 f"after {args.timeout:.0f}s")
+            time.sleep(0.05)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ObjfsError as exc:
+        print(f"objfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("objfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
