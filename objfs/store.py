@@ -33,7 +33,7 @@ import botocore.config
 import botocore.exceptions
 import yarl
 
-from objfs.config import StoreConfig
+from objfs.config import RetryConfig, StoreConfig
 from objfs.errors import (
     AccessDenied,
     BucketNotFound,
@@ -50,6 +50,7 @@ from objfs.retry import Backoff
 
 log = logging.getLogger(__name__)
 
+_PROBE_RETRY = RetryConfig(base_delay_s=0.1, max_delay_s=0.5, max_attempts=3, budget_s=4.0)
 _CODE_RE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE_RE = re.compile(rb"<Message>([^<]*)</Message>")
 
@@ -106,16 +107,20 @@ class ObjectStore:
         self._clock = clock
         session = session or boto3.Session(region_name=config.region)
         self._credentials = session.get_credentials()  # refreshable; None if the chain is empty
-        bc_config = botocore.config.Config(
-            region_name=config.region,
-            retries={"total_max_attempts": 1},  # one retry layer: ours
-            connect_timeout=config.connect_timeout_s,
-            read_timeout=config.read_timeout_s,
-            max_pool_connections=max(10, config.max_connections // 4),
-            s3={"addressing_style": "path" if config.endpoint else "auto"},
-        )
-        self._client = session.client("s3", endpoint_url=config.endpoint, config=bc_config)
+        self._boto_session = session
+        self._client = self._botocore_client(config.connect_timeout_s, config.read_timeout_s)
         self._http: aiohttp.ClientSession | None = None  # owned by the loop thread
+
+    def _botocore_client(self, connect_timeout_s: float, read_timeout_s: float) -> Any:
+        bc_config = botocore.config.Config(
+            region_name=self.config.region,
+            retries={"total_max_attempts": 1},  # one retry layer: ours
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            max_pool_connections=max(10, self.config.max_connections // 4),
+            s3={"addressing_style": "path" if self.config.endpoint else "auto"},
+        )
+        return self._boto_session.client("s3", endpoint_url=self.config.endpoint, config=bc_config)
 
     # ---- addressing and signing ------------------------------------------------------------
 
@@ -137,9 +142,9 @@ class ObjectStore:
 
     # ---- control calls (blocking) ----------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], Any], budget_s: float | None = None) -> Any:
+    def _call(self, what: str, fn: Callable[[], Any], retry: RetryConfig | None = None) -> Any:
         """Run one botocore call under the retry policy; raise typed errors."""
-        backoff = Backoff(self.config.retry, clock=self._clock, budget_s=budget_s)
+        backoff = Backoff(retry or self.config.retry, clock=self._clock)
         while True:
             try:
                 self._metrics.inc(f"origin_{what}_requests_total")
@@ -155,16 +160,21 @@ class ObjectStore:
                 log.debug("retrying %s in %.2fs after %s", what, delay, err)
                 time.sleep(delay)
 
-    def check_access(self, budget_s: float = 8.0) -> None:
-        """Prove endpoint, credentials, bucket and prefix are usable; one-line typed errors."""
+    def check_access(self) -> None:
+        """Prove endpoint, credentials, bucket and prefix are usable; one-line typed errors.
+
+        A one-key listing with short timeouts and a small retry budget, so a mount against a
+        dead or silent endpoint fails in seconds instead of hanging for the bulk timeouts.
+        """
         if self._credentials is None:
             raise ConfigError("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                               "AWS_SECRET_ACCESS_KEY, a profile, or an instance role)")
         where = self.config.endpoint or f"AWS S3 ({self.config.region})"
+        probe = self._botocore_client(connect_timeout_s=2.0, read_timeout_s=2.5)
         try:
-            self._call("list", lambda: self._client.list_objects_v2(
+            self._call("list", lambda: probe.list_objects_v2(
                 Bucket=self.config.bucket, Prefix=self.config.prefix, MaxKeys=1),
-                budget_s=budget_s)
+                retry=_PROBE_RETRY)
         except BucketNotFound:
             raise BucketNotFound(f"bucket {self.config.bucket!r} does not exist at {where}")
         except OriginUnreachable as exc:
@@ -174,6 +184,8 @@ class ObjectStore:
                 raise AccessDenied(f"access denied to bucket {self.config.bucket!r} at {where} "
                                    f"(check credentials): {exc.code or exc}") from None
             raise
+        finally:
+            probe.close()
 
     def list_pages(self, prefix: str | None = None) -> Iterator[list[ObjectInfo]]:
         """Flat ListObjectsV2 (no delimiter) of ``prefix``, one page (<=1000 keys) at a time.
