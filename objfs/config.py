@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -151,7 +152,7 @@ class MountConfig:
             options.extend(o.strip() for o in opt.split(",") if o.strip())
         kwargs: dict[str, object] = dict(rest)
         if ttl is not None:
-            if ttl <= 0:
+            if not 0 < ttl < math.inf:  # also rejects nan, which compares false with anything
                 raise ConfigError(f"--ttl: must be positive seconds, got {ttl}")
             kwargs["ttl_s"] = float(ttl)
         for name, value in (("uid", uid), ("gid", gid)):
@@ -170,8 +171,8 @@ class MountConfig:
     def __post_init__(self) -> None:
         if self.fuse_workers < 1:
             raise ConfigError("--fuse-workers must be >= 1")
-        if self.attr_timeout_s < 0:
-            raise ConfigError("--attr-timeout must be >= 0")
+        if not 0 <= self.attr_timeout_s < math.inf:
+            raise ConfigError(f"--attr-timeout must be >= 0 seconds, got {self.attr_timeout_s}")
         if self.read_parallelism < 1:
             raise ConfigError("--read-parallelism must be >= 1")
         if self.read_request_bytes < MiB or self.read_request_bytes % MiB:

@@ -30,6 +30,7 @@ from objfs.config import MountConfig
 from objfs.errors import ConfigError, ObjfsError
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
+from objfs.mounts import mounted_fstype
 from objfs.reader import OriginReader
 from objfs.store import ObjectInfo, ObjectStore
 from objfs.tree import MetadataTree
@@ -37,26 +38,6 @@ from objfs.tree import MetadataTree
 log = logging.getLogger(__name__)
 
 LOG_FILE = "objfs.log"
-
-
-def mounted_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at ``path`` (from /proc/self/mountinfo), or None."""
-    target = os.path.realpath(path) if os.path.exists(path) else str(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 10:
-            continue
-        mount_point = fields[4].encode().decode("unicode_escape")
-        if mount_point == target or mount_point == str(path):
-            sep = fields.index("-")
-            found = fields[sep + 1]  # the last (topmost) mount wins
-    return found
 
 
 def check_mountpoint(config: MountConfig) -> None:
@@ -261,10 +242,15 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             ready(f"unexpected error: {type(exc).__name__}: {exc}")
         return 1
     finally:
+        t0 = time.monotonic()
         if refresher is not None:
             refresher.stop()
+        t1 = time.monotonic()
         if store is not None:
             store.close()
+        t2 = time.monotonic()
         loop.stop()
+        log.debug("shutdown: refresher %.3fs, store %.3fs, loop %.3fs", t1 - t0, t2 - t1,
+                  time.monotonic() - t2)
         if tree is not None and (refresher is None or refresher.stopped()):
             tree.close()  # else a refresh still writes to it; the process exit ends it

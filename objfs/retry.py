@@ -31,7 +31,9 @@ class Backoff:
         self.attempts += 1
         if self.attempts >= self._config.max_attempts:
             return None
-        cap = min(self._config.max_delay_s, self._config.base_delay_s * (2 ** (self.attempts - 1)))
+        cap = self._config.max_delay_s
+        if self.attempts <= 1024:  # further doubling is past any max (and overflows a float)
+            cap = min(cap, self._config.base_delay_s * (2 ** (self.attempts - 1)))
         delay = self._rng.uniform(0, cap)
         if self._clock() + delay >= self._deadline:
             return None

@@ -19,6 +19,7 @@ from pathlib import Path
 from objfs import __version__
 from objfs.config import MountConfig
 from objfs.errors import ConfigError, ObjfsError
+from objfs.mounts import mounted_fstype
 
 
 def _add_mount_args(p: argparse.ArgumentParser) -> None:
@@ -151,8 +152,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from objfs.daemon import mounted_fstype
-
     mountpoint = os.path.abspath(args.mountpoint)
     fstype = mounted_fstype(Path(mountpoint))
     if fstype is None:
