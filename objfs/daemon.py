@@ -142,12 +142,14 @@ class Refresher:
         self._thread.join(timeout=10)
 
     def _due_in(self) -> float:
+        """Seconds until the next refresh, capped at an hour (the loop re-checks then):
+        Event.wait overflows on very large timeouts."""
         if self._retry_at is not None:
-            return max(0.0, self._retry_at - self._clock())
-        listed_at = self._tree.listed_at()
-        if listed_at is None:
-            return 0.0
-        return max(0.0, listed_at + self._ttl_s - self._clock())
+            due = self._retry_at - self._clock()
+        else:
+            listed_at = self._tree.listed_at()
+            due = 0.0 if listed_at is None else listed_at + self._ttl_s - self._clock()
+        return min(max(0.0, due), 3600.0)
 
     def stopped(self) -> bool:
         """True once the thread is gone (a refresh may outlive ``stop``'s join timeout)."""
@@ -167,6 +169,8 @@ class Refresher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._due_in()):
+            if self._due_in() > 0:
+                continue  # woke from the one-hour cap, not because a refresh is due
             try:
                 self.refresh_now()
                 self._retry_at = None
