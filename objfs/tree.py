@@ -57,7 +57,11 @@ _U64 = struct.Struct(">Q")
 _RECORD = struct.Struct(">BBQQqQH")
 _RECORD_VERSION = 1
 _GEN = struct.Struct(">Q")
-_GEN_OFFSET = 26  # where ``gen`` sits in _RECORD, read without decoding the whole record
+_MTIME_OFFSET = 18  # where ``mtime_ns`` sits in _RECORD; ``gen`` follows it
+_GEN_OFFSET = 26
+_MTIME_GEN = struct.Struct(">qQ")
+_FILE, _DIR = 1, 2  # Kind values as plain ints for the refresh loop
+_FILE_BYTE, _DIR_BYTE = bytes((_FILE,)), bytes((_DIR,))
 MAX_NAME_BYTES = 255
 
 
@@ -114,16 +118,24 @@ class RefreshStats:
     duration_s: float = 0.0
 
 
-def invalid_reason(relpath: str) -> str | None:
-    """Why ``relpath`` (without a trailing '/') cannot be a POSIX path, or None if it can."""
+def invalid_reason(relpath: str, segments: list[str] | None = None) -> str | None:
+    """Why ``relpath`` (without a trailing '/') cannot be a POSIX path, or None if it can.
+
+    The common case costs a few C-level membership tests on the split segments.
+    """
+    if segments is None:
+        segments = relpath.split("/")
     if "\0" in relpath:
         return "contains NUL"
-    for segment in relpath.split("/"):
-        if segment == "":
-            return "empty path segment"
-        if segment in (".", ".."):
-            return f"'{segment}' segment"
-        if len(segment.encode()) > MAX_NAME_BYTES:
+    if "" in segments:
+        return "empty path segment"
+    if "." in segments:
+        return "'.' segment"
+    if ".." in segments:
+        return "'..' segment"
+    for segment in segments:
+        # A str of <= 63 chars is at most 252 UTF-8 bytes: encode only longer ones.
+        if len(segment) > 63 and len(segment.encode()) > MAX_NAME_BYTES:
             return f"segment longer than {MAX_NAME_BYTES} bytes"
     return None
 
@@ -290,14 +302,14 @@ class MetadataTree:
                     continue  # the marker of the mount prefix itself
                 is_marker = rel.endswith("/")
                 path = rel[:-1] if is_marker else rel
-                reason = invalid_reason(path)
+                segments = path.split("/")
+                reason = invalid_reason(path, segments)
                 if reason is not None:
                     stats.skipped_invalid += 1
                     if obj.key not in self._logged_invalid:
                         self._logged_invalid[obj.key] = True
                         log.warning("skipping key %r: not a valid file name (%s)", obj.key, reason)
                     continue
-                segments = path.split("/")
                 dir_segments = segments if is_marker else segments[:-1]
                 parent = ROOT_INO
                 dirpath = ""
@@ -316,28 +328,32 @@ class MetadataTree:
             txn.put(b"next_ino", _U64.pack(next_ino), db=self._meta)
         return changed
 
+    # The refresh loop below works on raw record bytes: decoding and re-encoding an Inode per
+    # listed object was most of a refresh's CPU. Offsets follow _RECORD.
+
     def _stamp_dir(self, txn: lmdb.Transaction, parent: int, name: str, dirpath: str, gen: int,
                    marker_mtime_ns: int | None, next_ino: int,
                    stats: RefreshStats) -> tuple[int, int]:
         dkey = _dentry_key(parent, name.encode())
         current = txn.get(dkey, db=self._dentries)
-        if current is not None and current[8] == Kind.DIR:
+        if current is not None and current[8] == _DIR:
             raw_ino = current[:8]
-            ino = _U64.unpack(raw_ino)[0]
-            rec = Inode.decode(ino, txn.get(raw_ino, db=self._inodes))
-            if rec.gen != gen or (marker_mtime_ns is not None and rec.mtime_ns != marker_mtime_ns):
-                rec = dataclasses.replace(rec, gen=gen, mtime_ns=marker_mtime_ns or rec.mtime_ns)
-                txn.put(raw_ino, rec.encode(), db=self._inodes)
-            return ino, next_ino
+            old = txn.get(raw_ino, db=self._inodes)
+            mtime = _MTIME_GEN.unpack_from(old, _MTIME_OFFSET)[0] if marker_mtime_ns is None \
+                else marker_mtime_ns
+            if old[_GEN_OFFSET:_GEN_OFFSET + 8] != _U64.pack(gen) or marker_mtime_ns is not None:
+                txn.put(raw_ino, old[:_MTIME_OFFSET] + _MTIME_GEN.pack(mtime, gen)
+                        + old[_GEN_OFFSET + 8:], db=self._inodes)
+            return _U64.unpack(raw_ino)[0], next_ino
         if current is not None:
             # A file of the same name: the directory wins, the file waits in ``shadowed``.
             txn.put(dkey, current[:8], db=self._shadowed)
         ino = next_ino
         raw_ino = _U64.pack(ino)
         mtime = marker_mtime_ns if marker_mtime_ns is not None else int(self._clock() * 1e9)
-        txn.put(raw_ino, Inode(ino, Kind.DIR, parent, 0, mtime, gen, "", dirpath).encode(),
-                db=self._inodes)
-        txn.put(dkey, raw_ino + bytes((Kind.DIR,)), db=self._dentries)
+        txn.put(raw_ino, _RECORD.pack(_RECORD_VERSION, _DIR, parent, 0, mtime, gen, 0)
+                + dirpath.encode(), db=self._inodes)
+        txn.put(dkey, raw_ino + _DIR_BYTE, db=self._dentries)
         stats.added += 1
         return ino, next_ino + 1
 
@@ -346,26 +362,31 @@ class MetadataTree:
                     changed: list[int]) -> int:
         dkey = _dentry_key(parent, name.encode())
         current = txn.get(dkey, db=self._dentries)
-        shadowed = current is not None and current[8] == Kind.DIR
+        shadowed = current is not None and current[8] == _DIR
         raw_ino = txn.get(dkey, db=self._shadowed) if shadowed else \
             (current[:8] if current is not None else None)
+        etag = obj.etag.encode()
         if raw_ino is not None:
-            ino = _U64.unpack(raw_ino)[0]
-            old = Inode.decode(ino, txn.get(raw_ino, db=self._inodes))
-            if old.etag != obj.etag or old.size != obj.size:
-                changed.append(ino)
-                stats.changed += 1
-            elif old.gen == gen and old.mtime_ns == obj.mtime_ns:
+            old = txn.get(raw_ino, db=self._inodes)
+            _, _, _, size, mtime, old_gen, etag_len = _RECORD.unpack_from(old)
+            if old[_RECORD.size:_RECORD.size + etag_len] == etag and size == obj.size:
+                if mtime == obj.mtime_ns and old_gen == gen:
+                    return next_ino
+                txn.put(raw_ino, old[:_MTIME_OFFSET] + _MTIME_GEN.pack(obj.mtime_ns, gen)
+                        + old[_GEN_OFFSET + 8:], db=self._inodes)
                 return next_ino
+            changed.append(_U64.unpack(raw_ino)[0])
+            stats.changed += 1
         else:
-            ino = next_ino
+            raw_ino = _U64.pack(next_ino)
             next_ino += 1
-            raw_ino = _U64.pack(ino)
-            txn.put(dkey, raw_ino, db=self._shadowed) if shadowed else \
-                txn.put(dkey, raw_ino + bytes((Kind.FILE,)), db=self._dentries)
+            if shadowed:
+                txn.put(dkey, raw_ino, db=self._shadowed)
+            else:
+                txn.put(dkey, raw_ino + _FILE_BYTE, db=self._dentries)
             stats.added += 1
-        rec = Inode(ino, Kind.FILE, parent, obj.size, obj.mtime_ns, gen, obj.etag, rel)
-        txn.put(raw_ino, rec.encode(), db=self._inodes)
+        txn.put(raw_ino, _RECORD.pack(_RECORD_VERSION, _FILE, parent, obj.size, obj.mtime_ns, gen,
+                                      len(etag)) + etag + rel.encode(), db=self._inodes)
         return next_ino
 
     def _scope_inos(self, txn: lmdb.Transaction, scope: str) -> Iterator[bytes]:
