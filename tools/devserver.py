@@ -58,9 +58,10 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
 import boto3
@@ -362,7 +363,11 @@ class SeaweedServer:
         for attempt in range(1, START_ATTEMPTS + 1):
             layout = self._plan_layout(fresh=attempt > 1)
             offset = self._launch(weed, layout)
-            conflict = self._wait_ready(deadline, offset)
+            try:
+                conflict = self._wait_ready(deadline, offset)
+            except BaseException:  # incl. KeyboardInterrupt: never leave an orphan behind
+                self.stop()
+                raise
             if not conflict:
                 return
             if attempt == START_ATTEMPTS:
@@ -379,7 +384,7 @@ class SeaweedServer:
         return allocate_ports(self.host, self._requested_port)
 
     def _launch(self, weed: str, layout: PortLayout) -> int:
-        """Spawn weed mini with ``layout``; returns the log offset where this run's output starts."""
+        """Spawn weed mini on ``layout``; returns the log offset where this run's output starts."""
         cmd = [
             weed, f"-logdir={self.data_dir / 'logs'}", "mini",
             f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
@@ -411,8 +416,8 @@ class SeaweedServer:
         while True:
             code = self._proc.poll()
             if code is not None:
-                self._forget(self._proc)
                 tail = self._log_tail(offset)
+                self.stop()  # reaps it and removes the sockets it left
                 if any(marker in tail.lower() for marker in _PORT_CONFLICT_MARKERS):
                     return True
                 raise SeaweedStartError(
@@ -421,11 +426,9 @@ class SeaweedServer:
             if s3_answers(endpoint, timeout=1.0):
                 return False
             if time.monotonic() > deadline:
-                tail = self._log_tail(offset)
-                self.stop()
-                raise SeaweedStartError(
+                raise SeaweedStartError(  # start() stops it
                     f"weed mini did not answer S3 requests on {endpoint} in time "
-                    f"(log: {self.log_path})", tail)
+                    f"(log: {self.log_path})", self._log_tail(offset))
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -475,7 +478,7 @@ class SeaweedServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def __enter__(self) -> SeaweedServer:
+    def __enter__(self) -> Self:
         if self._pid is None:
             self.start()
         return self
@@ -520,12 +523,17 @@ into the local SeaweedFS development server that `make run` starts and mounts at
 
 Every byte is derived from the seed "{SAMPLE_SEED}", so checksums are the same on every machine.
 
-  datasets/mini-images/train/class_NN/img_NNNNN.jpg  {N_CLASSES} classes x {TRAIN_PER_CLASS} files
-  datasets/mini-images/val/class_NN/img_NNNNN.jpg    {N_CLASSES} classes x {VAL_PER_CLASS} files
-      20-120 KiB each: JPEG start/end markers around random bytes (not decodable pictures)
-  datasets/text/shard-NNNN.jsonl                     {len(TEXT_SHARD_SIZES)} shards of JSON lines, 1-2.5 MiB
-  datasets/empty/                                    a zero-byte directory marker object
-  models/tiny/config.json, models/tiny/model.bin     a 16 MiB "checkpoint" of random bytes
+  datasets/mini-images/train/class_NN/img_NNNNN.jpg
+      {N_CLASSES} classes x {TRAIN_PER_CLASS} "images" of 20-120 KiB: JPEG start/end markers
+      around random bytes (not decodable pictures)
+  datasets/mini-images/val/class_NN/img_NNNNN.jpg
+      {N_CLASSES} classes x {VAL_PER_CLASS} more of the same
+  datasets/text/shard-NNNN.jsonl
+      {len(TEXT_SHARD_SIZES)} shards of JSON lines (1-2.5 MiB each) of generated text
+  datasets/empty/
+      a zero-byte directory marker object
+  models/tiny/config.json, models/tiny/model.bin
+      a 16 MiB "checkpoint" of random bytes and its description
 
 Try: ls -R ./mnt | head; md5sum ./mnt/models/tiny/model.bin
 """
@@ -580,17 +588,17 @@ def sample_dataset() -> list[SampleObject]:
         for cls in range(N_CLASSES):
             for i in range(per_class):
                 key = f"datasets/mini-images/{split}/class_{cls:02d}/img_{i:05d}.jpg"
-                objects.append(SampleObject(key, lambda k=key: _image(k), "image/jpeg"))
+                objects.append(SampleObject(key, partial(_image, key), "image/jpeg"))
     for shard, target in enumerate(TEXT_SHARD_SIZES):
         key = f"datasets/text/shard-{shard:04d}.jsonl"
-        objects.append(SampleObject(key, lambda k=key, t=target: _text_shard(k, t),
+        objects.append(SampleObject(key, partial(_text_shard, key, target),
                                     "application/x-ndjson"))
     objects.append(SampleObject("datasets/empty/", lambda: b"", "application/x-directory"))
     objects.append(SampleObject("models/tiny/config.json", _model_config, "application/json"))
     objects.append(SampleObject("models/tiny/model.bin",
                                 lambda: _rng("models/tiny/model.bin").randbytes(MODEL_SIZE),
                                 "application/octet-stream"))
-    objects.append(SampleObject("README.txt", lambda: _README.encode(),
+    objects.append(SampleObject("README.txt", _README.encode,
                                 "text/plain; charset=utf-8"))
     return objects
 
@@ -628,17 +636,34 @@ def _ensure_bucket(s3: Any, bucket: str) -> None:
             raise
 
 
+def _missing_sample_keys(s3: Any, bucket: str, objects: list[SampleObject]) -> set[str]:
+    """Keys of ``objects`` to upload: all if the bucket is empty, the rest if an earlier seed was
+    interrupted (README.txt, uploaded last, is missing and every key is a sample key), else none.
+    """
+    keys = {obj.key for obj in objects}
+    listing = s3.list_objects_v2(Bucket=bucket, MaxKeys=len(keys) + 1)
+    present = {item["Key"] for item in listing.get("Contents", [])}
+    if not present:
+        return keys
+    if "README.txt" in present or listing.get("IsTruncated") or not present <= keys:
+        return set()  # seeded, or someone else's data: leave it alone
+    return keys - present
+
+
 def seed_sample_dataset(endpoint: str, bucket: str) -> int:
     """Create ``bucket`` if missing and, if it is empty, upload the sample dataset into it.
 
-    Returns the number of objects uploaded: 0 if the bucket already had objects.
+    Returns the number of objects uploaded: 0 if the bucket already had objects. A seed that was
+    interrupted (only sample objects present, README.txt not yet) is completed.
     """
     s3 = s3_client(endpoint, max_pool_connections=UPLOAD_THREADS * 2)
     try:
         _ensure_bucket(s3, bucket)
-        if s3.list_objects_v2(Bucket=bucket, MaxKeys=1).get("KeyCount", 0) > 0:
+        objects = sample_dataset()
+        missing = _missing_sample_keys(s3, bucket, objects)
+        if not missing:
             return 0
-        *body, readme = sample_dataset()
+        *body, readme = [obj for obj in objects if obj.key in missing]
 
         def put(obj: SampleObject) -> None:
             s3.put_object(Bucket=bucket, Key=obj.key, Body=obj.build(),
