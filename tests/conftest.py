@@ -64,6 +64,16 @@ def mount_type(path: Path) -> str | None:
     return found
 
 
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs. An exited process that init has not reaped yet (a zombie;
+    init here reaps slowly) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def aws_credentials() -> None:
     os.environ.update(CREDS)

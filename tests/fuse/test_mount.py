@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mount_type, put_many, run_objfs
+from tests.conftest import mount_type, process_alive, put_many, run_objfs
 
 MiB = 1024 * 1024
 
@@ -276,10 +276,10 @@ def test_sigterm_unmounts_and_the_daemon_exits(s3, bucket, mounter):
     pid = mount.pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (mount_type(mount.path) or os.path.exists(f"/proc/{pid}")):
+    while time.monotonic() < deadline and (mount_type(mount.path) or process_alive(pid)):
         time.sleep(0.05)
     assert mount_type(mount.path) is None
-    assert not os.path.exists(f"/proc/{pid}")
+    assert not process_alive(pid)
 
 
 def test_umount_waits_for_the_daemon(s3, bucket, mounter):
@@ -288,7 +288,7 @@ def test_umount_waits_for_the_daemon(s3, bucket, mounter):
     pid = mount.pid
     result = run_objfs("umount", str(mount.path))
     assert result.returncode == 0, result.stderr
-    assert mount_type(mount.path) is None and not os.path.exists(f"/proc/{pid}")
+    assert mount_type(mount.path) is None and not process_alive(pid)
     again = run_objfs("umount", str(mount.path))
     assert again.returncode != 0 and "not mounted" in again.stderr
 

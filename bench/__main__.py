@@ -1,0 +1,168 @@
+"""``python -m bench [--only NAME] [--runs N] [--objects N] [--out DIR]`` (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (DEFAULT_DATA_DIR, DEFAULT_RESULTS_DIR, HostLoad, StepError,
+                          now_stamp)
+from bench.machine import machine_info
+from bench.origin import Origin, seaweed_version
+from bench.report import RunRecord, WorkloadResult, markdown, write_results
+from bench.workloads import WORKLOADS
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    origin: Origin
+    work_dir: Path
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--only", action="append", choices=sorted(WORKLOADS), metavar="NAME",
+                   help=f"run only this workload (repeatable); one of {', '.join(WORKLOADS)}")
+    p.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
+    p.add_argument("--objects", type=int, default=100_000,
+                   help="objects in the listing prefix (default 100000)")
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR,
+                   help=f"where the JSON/markdown results go (default {DEFAULT_RESULTS_DIR})")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"persistent origin data + run dirs (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--repopulate", action="store_true",
+                   help="upload the datasets again even if their marker exists")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="timeout in seconds for each mount / find / umount (default 900)")
+    p.add_argument("--mount-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `objfs mount` (repeatable, e.g. --mount-arg=--ttl=600)")
+    p.add_argument("--keep-run-dirs", action="store_true",
+                   help="keep each run's cache dir and logs even when the run succeeded")
+    a = p.parse_args(argv)
+    if a.runs < 1 or a.objects < 1:
+        p.error("--runs and --objects must be >= 1")
+    return a
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stamp = now_stamp()
+    names = args.only or list(WORKLOADS)
+    data_dir = args.data_dir.resolve()
+    work_dir = data_dir / "runs"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    origin = Origin(data_dir, log=Context.log)
+    ctx = Context(args, origin, work_dir)
+    results: list[WorkloadResult] = []
+    header: dict = {"schema": 1, "started_at": started,
+                    "command": ["python", "-m", "bench", *sys.argv[1:]],
+                    "settings": {"runs": args.runs, "objects": args.objects,
+                                 "workloads": names, "data_dir": str(data_dir),
+                                 "timeout_s": args.timeout, "mount_args": args.mount_arg,
+                                 "figure": "median of the runs that measured it, with min/max"}}
+    error = None
+    try:
+        header["machine"] = machine_info(seaweed_version())
+        origin.start()
+        header["origin"] = {"server": "SeaweedFS weed mini", "impl": origin.server_impl,
+                            "endpoint": origin.endpoint, "data_dir": str(origin.server_dir),
+                            "pid": origin.server.pid}
+        for name in names:
+            w = WORKLOADS[name](ctx)
+            res = WorkloadResult(name, w.description, w.metrics)
+            results.append(res)
+            ctx.log(f"== workload {name}: setup")
+            try:
+                res.setup = w.setup()
+            except Exception as e:  # noqa: BLE001 - reported, never dropped
+                res.status, res.error = "setup-failed", f"{e}\n{traceback.format_exc()}"
+                ctx.log(f"{name}: setup failed: {e}")
+                continue
+            res.settings = w.settings()
+            try:
+                for i in range(1, args.runs + 1):
+                    ctx.log(f"== {name}: run {i}/{args.runs}")
+                    rec = RunRecord(run=i, started_at=time.strftime("%H:%M:%S"))
+                    res.runs.append(rec)
+                    t0 = time.perf_counter()
+                    host = HostLoad()
+                    try:
+                        w.run_once(rec)
+                    except StepError as e:
+                        rec.status, rec.error = e.status, str(e)
+                    except KeyboardInterrupt:
+                        rec.status, rec.error = "interrupted", "interrupted"
+                        raise
+                    except Exception as e:  # noqa: BLE001
+                        rec.status = "failed"
+                        rec.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+                    finally:
+                        rec.wall_s = time.perf_counter() - t0
+                        rec.extra["host"] = host.finish()
+                    if rec.status != "ok":
+                        ctx.log(f"{name} run {i}: {rec.status}: {rec.error}")
+            finally:
+                w.teardown()
+    except KeyboardInterrupt as e:
+        error = f"interrupted ({e})"
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        ctx.log(f"harness error: {error}")
+    finally:
+        try:
+            origin.stop()
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"origin stop failed: {e}")
+        header["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        header["error"] = error
+        md = _markdown_doc(header, results)
+        jpath, mpath = write_results(args.out, f"{stamp}-{'-'.join(names)}", header,
+                                     results, md)
+        print(md)
+        ctx.log(f"results: {jpath} and {mpath}")
+    ok = error is None and all(r.status == "ok" and all(x.status == "ok" for x in r.runs)
+                               for r in results)
+    return 0 if ok else 1
+
+
+def _markdown_doc(header: dict, results: list[WorkloadResult]) -> str:
+    m = header.get("machine", {})
+    s = header["settings"]
+    lines = [f"## objfs bench — {header['started_at']}", ""]
+    if m:
+        deps = ", ".join(f"{k} {v}" for k, v in m.get("objfs_deps", {}).items())
+        lines += [f"machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), "
+                  f"{m.get('memory_gib')} GiB, kernel {m.get('kernel')}, {m.get('os')}, "
+                  f"python {m.get('python')}",
+                  f"software: objfs {m.get('objfs')} ({deps}); SeaweedFS {m.get('seaweedfs')}; "
+                  f"s5cmd {m.get('s5cmd')}", ""]
+    o = header.get("origin")
+    if o:
+        lines += [f"origin: {o['server']} at {o['endpoint']} ({o['impl']})", ""]
+    lines += [f"settings: runs={s['runs']}, objects={s['objects']}, timeout={s['timeout_s']} s, "
+              f"mount args={s['mount_args'] or 'none'}; each figure is the {s['figure']}", ""]
+    if header.get("error"):
+        lines += [f"**harness error**: {header['error']}", ""]
+    for r in results:
+        lines.append(markdown(r))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Shared helpers: step errors, subprocesses with timeouts, timing, paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+DEFAULT_DATA_DIR = BENCH_DIR / ".data"
+DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
+
+
+class StepError(Exception):
+    """A measured step failed; the run is reported as failed (not dropped)."""
+
+    status = "failed"
+
+
+class StepTimeout(StepError):
+    """A measured step ran past its timeout; the run is reported as timed out."""
+
+    status = "timeout"
+
+
+def tail(text: str | bytes | None, lines: int = 15) -> str:
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run(cmd: list[str], *, timeout: float, what: str, env: dict | None = None,
+        capture: bool = True, check: bool = True, stdout=None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` with a hard timeout; return (completed process, wall seconds).
+
+    A timeout kills the whole process group of the child and raises StepTimeout; a non-zero
+    exit raises StepError (when ``check``) with the tail of its output.
+    """
+    kwargs: dict = dict(env=env, start_new_session=True)
+    if stdout is not None:
+        kwargs["stdout"] = stdout
+        kwargs["stderr"] = subprocess.PIPE
+    elif capture:
+        kwargs["stdout"] = subprocess.PIPE
+        kwargs["stderr"] = subprocess.PIPE
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise StepTimeout(f"{what}: timed out after {timeout:g} s: {' '.join(cmd)}\n{tail(err)}")
+    elapsed = time.perf_counter() - t0
+    cp = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise StepError(f"{what}: exit {proc.returncode}: {' '.join(cmd)}\n"
+                        f"{tail(err) or tail(out)}")
+    return cp, elapsed
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # The child was started in its own session, so its pgid is its pid: this only reaches
+    # processes this harness started.
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def find_tool(name: str) -> str | None:
+    """A tool from this venv's bin first (pip-installed binaries), then PATH."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    return shutil.which(name)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM/... in KiB and utime+stime from /proc (raises OSError if gone)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "VmSize", "Threads"):
+                out[key] = int(val.split()[0])
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # fields[0] is state (field 3); utime is field 14, stime field 15 -> index 11, 12
+    out["cpu_ticks"] = int(fields[11]) + int(fields[12])
+    out["clk_tck"] = ticks
+    return out
+
+
+def now_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    total = sum(vals[:8])  # without guest time, already counted in user
+    return total - idle, total
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+class HostLoad:
+    """How busy the whole machine was during a run (other jobs share these 2 cores)."""
+
+    def __init__(self) -> None:
+        self.busy0, self.total0 = cpu_times()
+        self.load0 = loadavg()
+
+    def finish(self) -> dict:
+        busy, total = cpu_times()
+        dt = max(1, total - self.total0)
+        return {"cpu_busy_pct": round(100 * (busy - self.busy0) / dt, 1),
+                "loadavg_start": self.load0, "loadavg_end": loadavg()}

@@ -1,0 +1,114 @@
+"""Results: per-run records, median/min/max figures, markdown table, JSON file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    digits: int = 2
+
+
+@dataclass
+class RunRecord:
+    run: int
+    status: str = "ok"  # ok | failed | timeout | skipped
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # unverified values, notes, pids, paths
+    started_at: str = ""
+    wall_s: float = 0.0
+
+
+@dataclass
+class WorkloadResult:
+    name: str
+    description: str
+    metrics: list[Metric]
+    settings: dict = field(default_factory=dict)
+    setup: dict = field(default_factory=dict)
+    runs: list[RunRecord] = field(default_factory=list)
+    status: str = "ok"  # ok | skipped | setup-failed
+    error: str | None = None
+
+    def figures(self) -> dict[str, dict]:
+        out = {}
+        for m in self.metrics:
+            vals = [r.metrics[m.key] for r in self.runs if m.key in r.metrics]
+            if not vals:
+                out[m.key] = {"n": 0, "of": len(self.runs)}
+                continue
+            out[m.key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                          "n": len(vals), "of": len(self.runs), "unit": m.unit}
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["figures"] = self.figures()
+        return d
+
+
+def _fmt(v: float, digits: int) -> str:
+    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 100:
+        return f"{int(v):,}"
+    return f"{v:,.{digits}f}"
+
+
+def markdown(res: WorkloadResult) -> str:
+    lines = [f"### {res.name}", "", res.description, ""]
+    if res.status != "ok":
+        lines += [f"**{res.status}**: {res.error}", ""]
+    if res.setup:
+        lines.append("setup: " + ", ".join(f"{k}={v}" for k, v in res.setup.items()))
+        lines.append("")
+    if res.runs:
+        counts = {}
+        for r in res.runs:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        lines.append(f"runs: {len(res.runs)} (" +
+                     ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+        lines.append("")
+        figs = res.figures()
+        lines.append("| figure | median | min | max | unit | runs measured |")
+        lines.append("|---|---:|---:|---:|---|---:|")
+        for m in res.metrics:
+            f = figs[m.key]
+            if f["n"] == 0:
+                lines.append(f"| {m.label} | — | — | — | {m.unit} | 0/{f['of']} |")
+            else:
+                lines.append(f"| {m.label} | {_fmt(f['median'], m.digits)} | "
+                             f"{_fmt(f['min'], m.digits)} | {_fmt(f['max'], m.digits)} | "
+                             f"{m.unit} | {f['n']}/{f['of']} |")
+        loads = [(r.run, r.extra.get("host")) for r in res.runs if r.extra.get("host")]
+        if loads:
+            lines += ["", "whole-machine CPU busy during each run (all processes; the origin, "
+                      "the client and anything else on the host): " +
+                      ", ".join(f"run {n} {h['cpu_busy_pct']:.0f}% (load {h['loadavg_start']:.1f}"
+                                f"→{h['loadavg_end']:.1f})" for n, h in loads)]
+        bad = [r for r in res.runs if r.status != "ok"]
+        if bad:
+            lines += ["", "failed runs (their completed steps are included above):", ""]
+            for r in bad:
+                err = (r.error or "").strip().replace("\n", " ⏎ ")
+                lines.append(f"- run {r.run}: **{r.status}** — {err[:600]}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, stamp: str, header: dict, results: list[WorkloadResult],
+                  md_text: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / stamp
+    doc = dict(header)
+    doc["workloads"] = [r.to_json() for r in results]
+    jpath = base.with_suffix(".json")
+    jpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    mpath = base.with_suffix(".md")
+    mpath.write_text(md_text)
+    return jpath, mpath
