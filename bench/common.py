@@ -56,7 +56,7 @@ def run(cmd: list[str], *, timeout: float, what: str, env: dict | None = None,
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        raise StepTimeout(f"{what}: timed out after {timeout:g} s: {' '.join(cmd)}\n{tail(err)}")
+        raise StepTimeout(f"{what}: timed out after {timeout:g} s: {' '.join(cmd)}\n{tail(err)}") from None
     elapsed = time.perf_counter() - t0
     cp = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and proc.returncode != 0:

@@ -6,7 +6,6 @@ Only objfs for now; s3fs-fuse and rclone will get a class with the same methods.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import CREDS, OBJFS, mount_type, run_objfs, start_moto
+from tests.conftest import OBJFS, mount_type, run_objfs, start_moto
 
 
 def mount_fails(args: list[str], mp: Path | None, *, env: dict[str, str] | None = None,
