@@ -61,7 +61,7 @@ $(PY):
 # Reinstalled only when pyproject.toml changes (or the venv is new).
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,run]'
+	$(PY) -m pip install -q -e '.[test,run,bench]'
 	@touch $@
 
 run: setup
