@@ -82,21 +82,6 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS/VmHWM/... in KiB and utime+stime from /proc (raises OSError if gone)."""
     out: dict[str, int] = {}

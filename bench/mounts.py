@@ -9,7 +9,8 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import StepError, find_tool, pid_alive, proc_status, run
+from bench.common import StepError, find_tool, proc_status, run
+from objfs.procinfo import process_alive as pid_alive
 
 FUSE_TYPES = ("fuse", "fuse.")
 

@@ -31,7 +31,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from bench.common import REPO, StepError, find_tool, pid_alive, run
+from bench.common import REPO, StepError, find_tool, run
+from objfs.procinfo import process_alive as pid_alive
 
 BUCKET = "bench"
 REGION = "us-east-1"

@@ -54,6 +54,12 @@ def check_mountpoint(config: MountConfig) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mount point {mp} is not a directory")
     if os.path.ismount(mp) or mounted_fstype(mp) is not None:
+        try:
+            os.statvfs(mp)  # never answered from the kernel's attribute cache
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise ConfigError(f"{mp} is a dead FUSE mount (its daemon is gone); "
+                                  f"run: objfs umount {mp}") from None
         raise ConfigError(f"{mp} is already a mount point")
     if "nonempty" not in config.fuse_options and any(os.scandir(mp)):
         raise ConfigError(f"mount point {mp} is not empty (pass -o nonempty to mount over it)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from objfs.procinfo import process_alive  # noqa: F401 - re-exported for the tests
 from tests.faultproxy import FaultProxy
 
 VENV_BIN = Path(sys.executable).parent
@@ -61,16 +62,6 @@ def mount_type(path: Path) -> str | None:
             if fields[4].encode().decode("unicode_escape") == target:
                 found = fields[fields.index("-") + 1]
     return found
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs. An exited process that init has not reaped yet (a zombie;
-    init here reaps slowly) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 @pytest.fixture(scope="session", autouse=True)

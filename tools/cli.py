@@ -20,6 +20,7 @@ from objfs import __version__
 from objfs.config import MountConfig
 from objfs.errors import ConfigError, ObjfsError
 from objfs.mounts import mounted_fstype
+from objfs.procinfo import process_alive
 
 
 def _add_mount_args(p: argparse.ArgumentParser) -> None:
@@ -136,21 +137,6 @@ def _unmount_command(mountpoint: str) -> list[str]:
     return ["umount", mountpoint]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     fstype = mounted_fstype(Path(mountpoint))
@@ -175,7 +161,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise ObjfsError(f"cannot unmount {mountpoint}: {detail}")
     if pid is not None:
         deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 raise ObjfsError(f"unmounted {mountpoint}, but daemon pid {pid} has not exited "
                                  f"after {args.timeout:.0f}s")

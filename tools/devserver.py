@@ -68,6 +68,8 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from objfs.procinfo import process_alive
+
 GRPC_PORT_OFFSET: Final = 10000  # weed's own convention: gRPC port = HTTP port + 10000
 # HTTP ports are drawn from here; HTTP + GRPC_PORT_OFFSET stays below the ephemeral range.
 PORT_RANGE: Final = (10000, 22767)
@@ -224,24 +226,9 @@ def s3_answers(endpoint: str, timeout: float = 2.0) -> bool:
     return resp.status == 403 and b"<Error>" in body  # an S3 server that wants signatures
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) still accepts signal 0.
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields and fields[0] == "Z":
-            return False
-    return True
-
-
 def _is_weed_for(pid: int, data_dir: Path) -> bool:
     """True if ``pid`` is a live ``weed mini`` serving ``data_dir`` (guards against pid reuse)."""
-    if not _pid_alive(pid):
+    if not process_alive(pid):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -257,12 +244,12 @@ def _terminate_pid(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
         time.sleep(0.05)
@@ -346,7 +333,7 @@ class SeaweedServer:
     def running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return self._pid is not None and _pid_alive(self._pid)
+        return self._pid is not None and process_alive(self._pid)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -781,7 +768,7 @@ def _cmd_stop(data_dir: Path) -> int:
             print("devserver: not running")
             return 0
         _terminate_pid(pid)
-        if _pid_alive(pid):
+        if process_alive(pid):
             raise CliError(f"weed (pid {pid}) did not exit")
         layout = PortLayout.load(data_dir / "ports.json")
         if layout is not None:

@@ -177,7 +177,7 @@ class ListingWorkload:
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float = 30) -> None:
-        from bench.common import pid_alive
+        from objfs.procinfo import process_alive as pid_alive
         deadline = time.monotonic() + timeout
         while pid_alive(pid):
             if time.monotonic() > deadline:

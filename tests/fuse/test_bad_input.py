@@ -15,7 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import OBJFS, mount_type, run_objfs, start_moto
+from tests.conftest import OBJFS, mount_type, process_alive, run_objfs, start_moto
 
 
 def mount_fails(args: list[str], mp: Path | None, *, env: dict[str, str] | None = None,
@@ -247,8 +247,12 @@ def test_bad_flags(args, expect):
 def test_stale_mount_left_by_a_killed_daemon(s3, bucket, mounter, tmp_path):
     s3.put_object(Bucket=bucket, Key="a", Body=b"a")
     mount = mounter(f"s3://{bucket}")
-    os.kill(mount.pid, 9)
-    time.sleep(0.3)
+    pid = mount.pid
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)   # until then the mount is live and "already a mount point" is right
+    assert not process_alive(pid)
     line = mount_fails(["mount", "--endpoint", mount.endpoint, "--cache-dir",
                         str(mount.cache_dir), f"s3://{bucket}", str(mount.path)], None,
                        expect="dead FUSE mount")
