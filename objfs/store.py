@@ -285,11 +285,6 @@ class ObjectStore:
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=resp.get("ETag", ""),
                           mtime_ns=_mtime_ns(resp["LastModified"]))
 
-    def put_object(self, key: str, body: bytes) -> str:
-        resp = self._call("put", lambda: self._client.put_object(
-            Bucket=self.config.bucket, Key=key, Body=body))
-        return str(resp.get("ETag", ""))
-
     # ---- bulk bytes (event loop) -----------------------------------------------------------
 
     async def _session(self) -> aiohttp.ClientSession:
@@ -313,7 +308,7 @@ class ObjectStore:
                 return buf
             except OriginError as err:
                 self._metrics.inc("origin_get_errors_total")
-                if isinstance(err, StaleObject) or not err.retryable:
+                if not err.retryable:
                     raise
                 delay = backoff.next_delay()
                 if delay is None:
