@@ -9,6 +9,8 @@ missing pages are coalesced into ranged GETs of whole pages.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Iterator
 
 PAGE_SIZE = 1024 * 1024
@@ -73,3 +75,15 @@ def byte_range(version: ObjectVersion, pages: range) -> tuple[int, int]:
     start = pages.start * PAGE_SIZE
     end = min(pages.stop * PAGE_SIZE, version.size)
     return start, end
+
+
+@functools.lru_cache(maxsize=8192)
+def version_digest(version: ObjectVersion) -> bytes:
+    """16 bytes naming (bucket, key, etag): the stem of every page id of this version."""
+    name = f"{version.bucket}\0{version.key}\0{version.etag}".encode()
+    return hashlib.blake2b(name, digest_size=16).digest()
+
+
+def page_id(version: ObjectVersion, index: int) -> bytes:
+    """The 20-byte id of a page: version digest + big-endian page index."""
+    return version_digest(version) + index.to_bytes(4, "big")

@@ -42,6 +42,25 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int, flag: str) -> int:
+    """'10G', '512M', '1.5T', '4096' -> bytes. Units are binary (K = 1024), with or without
+    a trailing 'B' or 'iB'."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ConfigError(f"{flag}: {value!r} is not a size like 512M, 10G or 1T")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size < 0:
+        raise ConfigError(f"{flag}: must be >= 0, got {value!r}")
+    return size
+
+
 def _parse_mode(value: str | int, flag: str) -> int:
     try:
         mode = int(value, 8) if isinstance(value, str) else int(value)
@@ -126,8 +145,12 @@ class MountConfig:
     dir_mode: int = 0o755
     fuse_options: tuple[str, ...] = ()
     fuse_workers: int = 16
-    read_parallelism: int = 8         # ranged GETs in flight for one large read
+    read_parallelism: int = 8         # ranged GETs in flight for the whole mount
     read_request_bytes: int = 8 * MiB  # split coalesced ranges into GETs of at most this
+    readahead_bytes: int = 32 * MiB    # largest readahead window of a sequential reader
+    cache_size_bytes: int = 10 * 1024 * MiB  # page files on disk, headers included
+    cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
+    cache_policy: str = "lru"
     log_level: str = "INFO"
     log_file: Path | None = None
 
@@ -136,7 +159,9 @@ class MountConfig:
                region: str | None = None, cache_dir: str | None = None,
                ttl: float | None = None, uid: int | None = None, gid: int | None = None,
                file_mode: str | None = None, dir_mode: str | None = None,
-               fuse_options: list[str] | None = None, **rest: object) -> "MountConfig":
+               fuse_options: list[str] | None = None, cache_size: str | None = None,
+               cache_free_floor: str | None = None, readahead: str | None = None,
+               read_request_size: str | None = None, **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
@@ -160,6 +185,14 @@ class MountConfig:
                 if value < 0:
                     raise ConfigError(f"--{name}: must be >= 0, got {value}")
                 kwargs[name] = value
+        for flag, field, value in (("--cache-size", "cache_size_bytes", cache_size),
+                                   ("--cache-free-floor", "cache_free_floor_bytes",
+                                    cache_free_floor),
+                                   ("--readahead", "readahead_bytes", readahead),
+                                   ("--read-request-size", "read_request_bytes",
+                                    read_request_size)):
+            if value is not None:
+                kwargs[field] = parse_size(value, flag)
         if file_mode is not None:
             kwargs["file_mode"] = _parse_mode(file_mode, "--file-mode")
         if dir_mode is not None:
@@ -176,6 +209,13 @@ class MountConfig:
         if self.read_parallelism < 1:
             raise ConfigError("--read-parallelism must be >= 1")
         if self.read_request_bytes < MiB or self.read_request_bytes % MiB:
-            raise ConfigError("read request size must be a positive multiple of 1 MiB")
+            raise ConfigError("--read-request-size must be a positive multiple of 1 MiB")
+        if self.readahead_bytes < MiB or self.readahead_bytes % MiB:
+            raise ConfigError("--readahead must be a positive multiple of 1 MiB")
+        if self.cache_policy not in ("lru", "uniform"):
+            raise ConfigError(f"--cache-policy: unknown policy {self.cache_policy!r} "
+                              "(choose lru or uniform)")
+        if self.cache_size_bytes < 0 or self.cache_free_floor_bytes < 0:
+            raise ConfigError("--cache-size and --cache-free-floor must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level: unknown level {self.log_level!r}")

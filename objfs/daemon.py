@@ -26,12 +26,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from objfs.config import MountConfig
+from objfs.cache.pagecache import PageCache
+from objfs.cache.sources import OriginSource, SourceChain
+from objfs.config import MiB, MountConfig
 from objfs.errors import ConfigError, ObjfsError
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.mounts import mounted_fstype
-from objfs.reader import OriginReader
 from objfs.store import ObjectInfo, ObjectStore
 from objfs.tree import MetadataTree
 
@@ -190,6 +191,21 @@ class Refresher:
                 self._retry_at = self._clock() + delay
 
 
+def open_page_cache(config: MountConfig, store: ObjectStore, loop: EventLoopThread,
+                    metrics: Metrics) -> PageCache:
+    try:
+        return PageCache(config.cache_dir / "pages", SourceChain([OriginSource(store)],
+                                                                   metrics=metrics),
+                         loop, metrics=metrics, capacity_bytes=config.cache_size_bytes,
+                         policy=config.cache_policy,
+                         free_floor_bytes=config.cache_free_floor_bytes,
+                         request_pages=config.read_request_bytes // MiB,
+                         parallelism=config.read_parallelism,
+                         max_window_pages=config.readahead_bytes // MiB)
+    except OSError as exc:
+        raise ConfigError(f"page cache in {config.cache_dir}: {exc.strerror or exc}") from None
+
+
 def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) -> int:
     """Serve the mount. ``ready(None)`` once mounted, ``ready(message)`` on a start-up error."""
     from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
@@ -200,6 +216,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     loop = EventLoopThread().start()
     store: ObjectStore | None = None
     tree: MetadataTree | None = None
+    cache: PageCache | None = None
     refresher: Refresher | None = None
     mounted = False
     try:
@@ -207,11 +224,9 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
         store.check_access()
         tree = MetadataTree(config.cache_dir / "tree", prefix=config.store.prefix,
                             identity=config.store.identity, metrics=metrics)
-        reader = OriginReader(store, loop, metrics=metrics,
-                              request_pages=config.read_request_bytes // (1024 * 1024),
-                              parallelism=config.read_parallelism)
+        cache = open_page_cache(config, store, loop, metrics)
         url = f"s3://{config.store.bucket}/{config.store.prefix}".rstrip("/")
-        fs = Filesystem(config, tree, reader, metrics=metrics, xattrs={
+        fs = Filesystem(config, tree, cache, metrics=metrics, xattrs={
             "user.objfs.pid": str(os.getpid()),
             "user.objfs.cache_dir": str(config.cache_dir),
             "user.objfs.source": url,
@@ -260,6 +275,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             store.close()
         t2 = time.monotonic()
         loop.stop()
+        if cache is not None:
+            cache.close()
         log.debug("shutdown: refresher %.3fs, store %.3fs, loop %.3fs", t1 - t0, t2 - t1,
                   time.monotonic() - t2)
         if tree is not None and (refresher is None or refresher.stopped()):

@@ -16,11 +16,12 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
+from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
+from objfs.cache.readahead import ReadStream
 from objfs.config import MountConfig
 from objfs.errors import InvalidArgument, ObjfsError, ReadOnly
 from objfs.metrics import Metrics
-from objfs.reader import OriginReader, ReadStream
 from objfs.tree import ROOT_INO, Inode, Kind, MetadataTree
 
 DIR_SIZE = 4096
@@ -60,14 +61,14 @@ class DirHandle:
 
 
 class Filesystem:
-    """Thread-safe: handles are in dicts guarded by ``_handles_lock``; the tree and reader
-    are thread-safe themselves."""
+    """Thread-safe: handles are in dicts guarded by ``_handles_lock``; the tree and the page
+    cache are thread-safe themselves."""
 
-    def __init__(self, config: MountConfig, tree: MetadataTree, reader: OriginReader, *,
+    def __init__(self, config: MountConfig, tree: MetadataTree, cache: PageCache, *,
                  metrics: Metrics, xattrs: dict[str, str] | None = None) -> None:
         self.config = config
         self.tree = tree
-        self.reader = reader
+        self.cache = cache
         self.metrics = metrics
         self._root_xattrs = {k: v.encode() for k, v in (xattrs or {}).items()}
         self._handles_lock = threading.Lock()
@@ -156,7 +157,7 @@ class Filesystem:
                                 inode.etag, inode.size)
         fh = next(self._next_fh)
         with self._handles_lock:
-            self._files[fh] = FileHandle(inode, version, ReadStream(self.reader.max_window_pages))
+            self._files[fh] = FileHandle(inode, version, self.cache.new_stream())
         return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -167,7 +168,7 @@ class Filesystem:
             raise ObjfsError("bad file handle", errno_value=errno.EBADF)
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
-        data = self.reader.read(handle.version, offset, size, handle.stream)
+        data = self.cache.read(handle.version, offset, size, handle.stream)
         self.metrics.inc("fuse_read_bytes", len(data))
         return data
 

@@ -46,7 +46,18 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
                    help="extra FUSE mount options, passed through")
     p.add_argument("--fuse-workers", type=int, default=16, help="FUSE worker threads")
     p.add_argument("--read-parallelism", type=int, default=8,
-                   help="ranged GETs in flight for one read (default 8)")
+                   help="ranged GETs in flight for the mount (default 8)")
+    p.add_argument("--read-request-size", metavar="SIZE",
+                   help="largest ranged GET, a multiple of 1M (default 8M)")
+    p.add_argument("--readahead", metavar="SIZE",
+                   help="largest readahead window of a sequential reader (default 32M)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="page cache capacity on disk, e.g. 500G (default 10G)")
+    p.add_argument("--cache-free-floor", metavar="SIZE",
+                   help="keep this much free on the cache filesystem (default 1G)")
+    p.add_argument("--cache-policy", choices=("lru", "uniform"), default="lru",
+                   help="eviction policy: lru, or uniform for shuffled multi-epoch training "
+                   "over a dataset larger than the cache (default lru)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-file", type=Path, help="log here (default: CACHE_DIR/objfs.log)")
 
@@ -73,7 +84,10 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         file_mode=args.file_mode, dir_mode=args.dir_mode, fuse_options=args.fuse_options,
         foreground=args.foreground, allow_other=args.allow_other,
         attr_timeout_s=args.attr_timeout_s, fuse_workers=args.fuse_workers,
-        read_parallelism=args.read_parallelism, log_level=args.log_level,
+        read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
+        readahead=args.readahead, cache_size=args.cache_size,
+        cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
+        log_level=args.log_level,
         log_file=args.log_file)
 
 

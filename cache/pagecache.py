@@ -1,0 +1,544 @@
+"""The local page cache: every read goes through 1 MiB pages of an object version on local disk.
+
+States and transitions of one page (``PageState``)::
+
+    MISSING --claim--> INFLIGHT --stored--> READY --evict/corrupt/drop--> MISSING
+                         |  fetch failed, admission refused or disk error  ^
+                         +-------------------------------------------------+
+
+- A page is INFLIGHT while it has an entry in ``_inflight``: one ``concurrent.futures.Future``
+  shared by every reader that wants it, so any number of concurrent readers cause one fetch.
+  The future resolves with the page's bytes as soon as they arrive, before they are written to
+  disk; readers never wait for the disk write. A failed fetch resolves it with the error, which
+  every waiter raises, and the page is MISSING again.
+- A page is READY when the eviction policy holds it (and its file and index entry exist). A hit
+  is served by the FUSE worker thread itself: ``open`` + two ``os.pread`` (header, then only the
+  128 KiB chunks asked for) + checksum. It never touches the event loop. A file that is gone or
+  does not verify is a miss: the page is forgotten and refetched, never EIO.
+- Missing runs are coalesced into ranged GETs of up to ``request_pages`` pages, issued on the
+  event loop (at most ``parallelism`` at once) through the source chain (origin today, the
+  owning peer later). Writing pages to disk happens on a small writer pool, off the loop.
+- Sequential readers claim a readahead window beyond the pages they asked for
+  (``cache.readahead.ReadStream``); those fetches run in the background.
+
+Capacity: ``capacity_bytes`` counts page files including headers; the policy admits a page only
+after evicting enough, so usage never exceeds capacity beyond pages in flight (which are in
+memory, not on disk). A free-space floor on the cache filesystem lowers the effective capacity
+when the disk is shared and filling up. Disk trouble (ENOSPC, EIO, unwritable dir) degrades to
+read-through: the bytes still reach the reader from memory, the page is not kept, a counter
+rises and a warning is logged at most once a minute.
+
+Persistence: page files live in ``DIR/data/XX/<page id hex>``; the LMDB index
+(``cache.index``) lists them with their last use. Start-up loads the index (no directory walk);
+a background pass then removes orphan files (written but never indexed, or temp files of a
+crash). An indexed page whose file vanished is found on first read and refetched.
+
+Lock order: ``_lock`` only; it is never held across I/O, the event loop or a future wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import enum
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import lmdb
+
+from objfs.cache.format import (CHUNK_SIZE, HEADER_SIZE, CorruptPage, decode_header,
+                                encode_header, verify_chunks)
+from objfs.cache.index import PageIndex
+from objfs.cache.pages import PAGE_SIZE, ObjectVersion, coalesce, page_id, page_span
+from objfs.cache.policy import EvictionPolicy, make_policy
+from objfs.cache.readahead import ReadStream
+from objfs.cache.sources import SourceChain
+from objfs.errors import ObjfsError, OriginError
+from objfs.loop import EventLoopThread
+from objfs.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_WARN_INTERVAL_S = 60.0
+_MAINTENANCE_INTERVAL_S = 2.0
+
+
+class PageState(enum.Enum):
+    MISSING = "missing"
+    INFLIGHT = "inflight"
+    READY = "ready"
+
+
+def statvfs_free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class PageCache:
+    """Thread-safe. Fields under ``_lock``: ``_inflight``, ``_policy``, ``_touched``, ``_seq``,
+    ``_free_estimate``. The event-loop thread runs fetches; writer threads persist pages; the
+    maintenance thread flushes last-use order and reconciles files."""
+
+    def __init__(self, directory: Path, sources: SourceChain, loop: EventLoopThread, *,
+                 metrics: Metrics, capacity_bytes: int, policy: str = "lru",
+                 free_floor_bytes: int = 0, request_pages: int = 8, parallelism: int = 8,
+                 max_window_pages: int = 32, writer_threads: int = 2,
+                 fetch_timeout_s: float = 300.0,
+                 free_bytes: Callable[[Path], int] = statvfs_free_bytes,
+                 clock: Callable[[], float] = time.monotonic,
+                 background: bool = True) -> None:
+        if request_pages < 1 or parallelism < 1 or max_window_pages < 1:
+            raise ValueError("request pages, parallelism and readahead must be >= 1")
+        self.directory = directory
+        self._pages_dir = directory / "data"
+        self._pages_dir.mkdir(parents=True, exist_ok=True)
+        self._sources = sources
+        self._loop = loop
+        self._metrics = metrics
+        self._request_pages = request_pages
+        self._fetch_limit = asyncio.Semaphore(parallelism)  # used on the loop only
+        self.max_window_pages = max_window_pages
+        self._fetch_timeout_s = fetch_timeout_s
+        self._free_bytes = free_bytes
+        self._clock = clock
+        self.capacity_bytes = capacity_bytes
+        self.free_floor_bytes = free_floor_bytes
+
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future] = {}          # guarded by _lock
+        self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)  # guarded by _lock
+        self._touched: dict[bytes, int] = {}              # guarded by _lock: last use to persist
+        self._seq = 0                                     # guarded by _lock
+        self._free_estimate = self._sample_free()         # guarded by _lock
+        self._free_sampled_at = clock()                   # guarded by _lock
+        self._last_warning: dict[str, float] = {}         # guarded by _lock
+
+        self._index = PageIndex(directory / "index")
+        self._load_index()
+        self._writer = ThreadPoolExecutor(writer_threads, thread_name_prefix="objfs-cache-write")
+        self._stop = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        metrics.gauge("cache_used_bytes", lambda: self._policy.used_bytes)
+        metrics.gauge("cache_capacity_bytes", lambda: self.capacity_bytes)
+        metrics.gauge("cache_pages_ready", lambda: len(self._policy))
+        metrics.gauge("cache_pages_inflight", lambda: len(self._inflight))
+        if background:
+            self._maintenance = threading.Thread(target=self._maintain,
+                                                 name="objfs-cache-maint", daemon=True)
+            self._maintenance.start()
+
+    @property
+    def policy_name(self) -> str:
+        return self._policy.name
+
+    @property
+    def used_bytes(self) -> int:
+        return self._policy.used_bytes
+
+    # ---- start-up and shutdown -------------------------------------------------------------
+
+    def _load_index(self) -> None:
+        started = time.monotonic()
+        entries = sorted(self._index.entries(), key=lambda e: e[2])
+        victims: list[Hashable] = []
+        for pid, size, seq in entries:
+            victims.extend(self._policy.load(pid, size))
+            self._seq = max(self._seq, seq)
+        if victims:  # the capacity was lowered since the last run
+            self._remove_pages([bytes(v) for v in victims])
+        log.info("page cache %s: %d pages, %.1f MiB of %.1f MiB (%s), index loaded in %.2fs",
+                 self.directory, len(self._policy), self._policy.used_bytes / 2**20,
+                 self.capacity_bytes / 2**20, self._policy.name, time.monotonic() - started)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=10)
+        self._writer.shutdown(wait=True)
+        self._flush_touched()
+        self._index.close()
+
+    def _maintain(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:
+            log.exception("page cache reconcile failed")
+        while not self._stop.wait(_MAINTENANCE_INTERVAL_S):
+            try:
+                self._flush_touched()
+            except Exception:
+                log.exception("page cache maintenance failed")
+
+    def reconcile(self) -> int:
+        """Remove page files that no index entry or fetch owns (crash leftovers). Returns how
+        many were removed."""
+        removed = 0
+        try:
+            subdirs = list(os.scandir(self._pages_dir))
+        except OSError as exc:
+            self._disk_error("scan", exc)
+            return 0
+        for sub in subdirs:
+            if self._stop.is_set():
+                break
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            try:
+                names = os.listdir(sub.path)
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    pid = bytes.fromhex(name) if len(name) == 40 else None
+                except ValueError:
+                    pid = None
+                if pid is not None:
+                    with self._lock:
+                        if pid in self._policy or pid in self._inflight:
+                            continue
+                try:
+                    os.unlink(os.path.join(sub.path, name))
+                    removed += 1
+                except OSError:
+                    pass
+        if removed:
+            log.info("page cache: removed %d orphan files", removed)
+            self._metrics.inc("cache_orphans_removed_total", removed)
+        return removed
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def new_stream(self) -> ReadStream:
+        return ReadStream(self.max_window_pages)
+
+    def state(self, version: ObjectVersion, index: int) -> PageState:
+        pid = page_id(version, index)
+        with self._lock:
+            if pid in self._inflight:
+                return PageState.INFLIGHT
+            return PageState.READY if pid in self._policy else PageState.MISSING
+
+    def read(self, version: ObjectVersion, offset: int, size: int,
+             stream: ReadStream | None = None) -> bytes:
+        """Bytes [offset, offset+size) of ``version`` (short at its end). Blocks on misses."""
+        span = page_span(offset, size, version.size)
+        if not span:
+            return b""
+        window = stream.observe(offset, size) if stream is not None else 1
+        ids = [page_id(version, i) for i in span]
+        waits: dict[int, Future] = {}
+        claimed: list[tuple[int, Future]] = []
+        ahead: list[tuple[int, Future]] = []
+        with self._lock:
+            for index, pid in zip(span, ids):
+                fut = self._inflight.get(pid)
+                if fut is None and pid not in self._policy:
+                    fut = self._inflight[pid] = Future()
+                    claimed.append((index, fut))
+                if fut is not None:
+                    waits[index] = fut
+            if stream is not None and window > len(span):
+                last = min(version.page_count(), span.start + window)
+                for index in range(max(span.stop, stream.ahead_until), last):
+                    pid = page_id(version, index)
+                    if pid not in self._inflight and pid not in self._policy:
+                        ahead.append((index, self._inflight.setdefault(pid, Future())))
+                stream.ahead_until = max(stream.ahead_until, last)
+        if claimed:
+            self._start_fetches(version, claimed)
+        if ahead:
+            self._metrics.inc("readahead_pages_total", len(ahead))
+            self._start_fetches(version, ahead)
+        end = min(offset + size, version.size)
+        pieces = []
+        for index, pid in zip(span, ids):
+            base = index * PAGE_SIZE
+            lo, hi = max(offset, base) - base, min(end, base + PAGE_SIZE) - base
+            pieces.append(self._page_bytes(version, index, pid, lo, hi, waits.get(index)))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _page_bytes(self, version: ObjectVersion, index: int, pid: bytes, lo: int, hi: int,
+                    fut: Future | None) -> bytes:
+        if fut is None:
+            data = self._read_ready(version, index, pid, lo, hi)
+            if data is not None:
+                return data
+            fut = self._claim_after_bad_page(version, index, pid)
+        try:
+            page = fut.result(timeout=self._fetch_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise OriginError(f"timed out after {self._fetch_timeout_s:.0f}s waiting for page "
+                              f"{index} of {version.key}", retryable=True) from None
+        except ObjfsError as exc:
+            raise copy.copy(exc) from None  # one instance per waiter: tracebacks are per raise
+        self._metrics.inc("read_fetched_bytes", hi - lo)
+        return bytes(page[lo:hi])
+
+    def _claim_after_bad_page(self, version: ObjectVersion, index: int, pid: bytes) -> Future:
+        with self._lock:
+            fut = self._inflight.get(pid)
+            mine = fut is None
+            if mine:
+                fut = self._inflight[pid] = Future()
+        if mine:
+            self._start_fetches(version, [(index, fut)])
+        return fut
+
+    def _read_ready(self, version: ObjectVersion, index: int, pid: bytes, lo: int,
+                    hi: int) -> bytes | None:
+        """A READY page's bytes [lo, hi), verified; None if it must be refetched."""
+        path = self._path(pid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(pid, "missing")
+            return None
+        except OSError as exc:
+            self._disk_error("open", exc)
+            return None
+        try:
+            header = decode_header(os.pread(fd, HEADER_SIZE, 0))
+            if (header.index != index or header.key != version.key
+                    or header.etag != version.etag or header.bucket != version.bucket
+                    or header.length != version.page_length(index)):
+                raise CorruptPage("page file belongs to another page")
+            first, stop = header.chunk_range(lo, hi)
+            start = first * CHUNK_SIZE
+            raw = os.pread(fd, min(stop * CHUNK_SIZE, header.length) - start,
+                           HEADER_SIZE + start)
+            verify_chunks(header, first, raw)
+        except CorruptPage as exc:
+            self._metrics.inc("cache_corrupt_pages_total")
+            self._warn("corrupt", f"corrupt cached page {path} ({exc}): refetching")
+            self._forget(pid, "corrupt")
+            return None
+        except OSError as exc:
+            self._disk_error("read", exc)
+            self._forget(pid, "unreadable")
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._policy.touch(pid)
+            self._seq += 1
+            self._touched[pid] = self._seq
+        self._metrics.inc("read_cache_bytes", hi - lo)
+        return raw[lo - start:hi - start]
+
+    # ---- fetching (event loop) -------------------------------------------------------------
+
+    def _start_fetches(self, version: ObjectVersion, claimed: list[tuple[int, Future]]) -> None:
+        futures = dict(claimed)
+        for run in coalesce(sorted(futures), self._request_pages):
+            self._loop.submit(self._fetch_run(version, run, [futures[i] for i in run]))
+
+    async def _fetch_run(self, version: ObjectVersion, run: range,
+                         futures: list[Future]) -> None:
+        """Fetch a run, hand the bytes to the waiters, then store them. The run holds its
+        fetch slot until stored, so the bytes in memory are bounded by ``parallelism`` runs
+        even when readers outpace the cache disk."""
+        async with self._fetch_limit:
+            try:
+                data = await self._sources.fetch(version, run)
+                expected = min(run.stop * PAGE_SIZE, version.size) - run.start * PAGE_SIZE
+                if len(data) != expected:
+                    raise OriginError(f"short read of {version.key}: {len(data)} of "
+                                      f"{expected} bytes", retryable=True)
+            except BaseException as exc:
+                error = exc if isinstance(exc, ObjfsError) else OriginError(
+                    f"fetching {version.key}: {type(exc).__name__}: {exc}", retryable=True)
+                self._metrics.inc("read_fetch_errors_total")
+                with self._lock:
+                    for index in run:
+                        self._inflight.pop(page_id(version, index), None)
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            view = memoryview(data)
+            pages = [view[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] for k in range(len(run))]
+            for fut, page in zip(futures, pages):
+                fut.set_result(page)
+            self._metrics.inc("cache_misses_total", len(run))
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self._persist, version, run, pages)
+            except RuntimeError:  # shutting down: the pages stay MISSING
+                with self._lock:
+                    for index in run:
+                        self._inflight.pop(page_id(version, index), None)
+
+    # ---- storing (writer threads) ----------------------------------------------------------
+
+    def _persist(self, version: ObjectVersion, run: range, pages: list[memoryview]) -> None:
+        stored: list[tuple[bytes, int]] = []
+        settled: list[bytes] = []
+        try:
+            for index, page in zip(run, pages):
+                pid = page_id(version, index)
+                size = HEADER_SIZE + len(page)
+                with self._lock:
+                    admitted, victims = self._admit_locked(pid, size)
+                if victims:
+                    self._remove_pages(victims)
+                if not admitted:
+                    self._metrics.inc("cache_admissions_refused_total")
+                    settled.append(pid)
+                    continue
+                try:
+                    self._write_page(pid, encode_header(version.bucket, version.key,
+                                                        version.etag, index, page), page)
+                except OSError as exc:
+                    self._disk_error("write", exc)
+                    with self._lock:
+                        self._policy.remove(pid)
+                        self._free_estimate += size
+                    settled.append(pid)
+                    continue
+                stored.append((pid, size))
+            if stored:
+                with self._lock:
+                    seq = self._seq = self._seq + 1
+                try:
+                    self._index.put((pid, size, seq) for pid, size in stored)
+                except lmdb.Error as exc:
+                    self._disk_error("index", exc)
+                    self._remove_pages([pid for pid, _ in stored])
+                self._metrics.inc("cache_stored_pages_total", len(stored))
+        finally:
+            with self._lock:
+                for pid in settled + [pid for pid, _ in stored]:
+                    self._inflight.pop(pid, None)
+
+    def _admit_locked(self, pid: bytes, size: int) -> tuple[bool, list[bytes]]:
+        """Ask the policy to admit a page; returns (admitted, pages to evict first)."""
+        now = self._clock()
+        if now - self._free_sampled_at >= 1.0:
+            self._free_estimate = self._sample_free()
+            self._free_sampled_at = now
+        # The free-space floor can lower the effective capacity, never raise it.
+        room = self._policy.used_bytes + self._free_estimate - self.free_floor_bytes
+        victims = list(self._policy.resize(max(0, min(self.capacity_bytes, room))))
+        admitted = self._policy.admit(pid, size)
+        self._policy.capacity_bytes = self.capacity_bytes
+        if admitted is not None:
+            victims += admitted
+            self._free_estimate -= size
+        # Victims are whole pages, except an object's last one: close enough until resampled.
+        self._free_estimate += len(victims) * (HEADER_SIZE + PAGE_SIZE)
+        return admitted is not None, [bytes(v) for v in victims]
+
+    def _sample_free(self) -> int:
+        try:
+            return self._free_bytes(self._pages_dir)
+        except OSError:
+            return 0
+
+    def _path(self, pid: bytes) -> str:
+        name = pid.hex()
+        return os.path.join(self._pages_dir, name[:2], name)
+
+    def _write_page(self, pid: bytes, header: bytes, page: memoryview) -> None:
+        path = self._path(pid)
+        tmp = f"{path}.tmp{threading.get_ident()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            total = len(header) + len(page)
+            written = os.writev(fd, [header, page])
+            while written < total:  # short writes are legal; finish from where it stopped
+                rest = (header + bytes(page))[written:]
+                written += os.write(fd, rest)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, path)
+
+    # ---- removal ---------------------------------------------------------------------------
+
+    def _forget(self, pid: bytes, reason: str) -> None:
+        """A READY page turned out unusable: make it MISSING."""
+        with self._lock:
+            if pid in self._inflight:
+                return  # being refetched already
+            known = self._policy.remove(pid)
+            self._touched.pop(pid, None)
+        if known:
+            self._metrics.inc(f"cache_pages_{reason}_total")
+            self._remove_pages([pid], evicted=False)
+
+    def _remove_pages(self, pids: list[bytes], *, evicted: bool = True) -> None:
+        """Delete index entries, then files (a crash in between leaves orphans, never an
+        index entry pointing at another page's file)."""
+        if not pids:
+            return
+        with self._lock:
+            for pid in pids:
+                self._touched.pop(pid, None)
+        try:
+            self._index.delete(pids)
+        except lmdb.Error as exc:
+            self._disk_error("index", exc)
+        for pid in pids:
+            _unlink_quietly(self._path(pid))
+        if evicted:
+            self._metrics.inc("cache_evicted_pages_total", len(pids))
+
+    def drop(self, version: ObjectVersion) -> int:
+        """Remove every READY page of ``version``; returns how many were removed."""
+        pids = []
+        with self._lock:
+            for index in range(version.page_count()):
+                pid = page_id(version, index)
+                if pid not in self._inflight and self._policy.remove(pid):
+                    pids.append(pid)
+        self._remove_pages(pids, evicted=False)
+        self._metrics.inc("cache_pages_dropped_total", len(pids))
+        return len(pids)
+
+    def _flush_touched(self) -> None:
+        with self._lock:
+            touched, self._touched = self._touched, {}
+        if touched:
+            try:
+                self._index.touch(touched)
+            except lmdb.Error as exc:
+                self._disk_error("index", exc)
+
+    # ---- trouble ---------------------------------------------------------------------------
+
+    def _disk_error(self, what: str, exc: BaseException) -> None:
+        self._metrics.inc("cache_disk_errors_total")
+        reason = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+        self._warn(f"disk-{what}-{reason}",
+                   f"page cache {what} failed ({exc}); reading through from the origin")
+
+    def _warn(self, kind: str, message: str) -> None:
+        now = self._clock()
+        with self._lock:
+            last = self._last_warning.get(kind)
+            if last is not None and now - last < _WARN_INTERVAL_S:
+                return
+            self._last_warning[kind] = now
+        log.warning("%s", message)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
