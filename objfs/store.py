@@ -11,23 +11,36 @@ can never mix; a 412 (or a 404 of a version we know existed) is ``StaleObject``.
 There is exactly one retry layer: botocore's own retries are off (one attempt), and every call
 here retries retryable failures (5xx, SlowDown, 429, timeouts, resets, a body that breaks
 mid-stream) with ``retry.Backoff``. A broken body resumes from the last byte received.
+
+Writes (PUT, the multipart calls, server-side copy, delete) are coroutines for the loop too,
+built on one request helper (``_request``): the body is a caller's buffer sent without a copy
+and re-sent as-is on a retry; its hash is computed once per body, in a worker thread for large
+bodies (hashlib releases the GIL), and handed to botocore's signer (``_PayloadAuth``): a signed
+``x-amz-content-sha256`` over http, ``UNSIGNED-PAYLOAD`` plus ``Content-MD5`` over https (what
+botocore itself does). Answers are parsed with ElementTree; a 200 whose body is an ``<Error>``
+(CompleteMultipartUpload and CopyObject do that) is an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import calendar
 import dataclasses
+import datetime
+import email.utils
 import errno
+import hashlib
 import logging
 import re
 import time
-import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
+from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
+import aiohttp.payload
 import boto3
 import botocore.auth
 import botocore.awsrequest
@@ -41,6 +54,7 @@ from objfs.errors import (
     AccessDenied,
     BucketNotFound,
     ConfigError,
+    InvalidArgument,
     ObjfsError,
     OriginError,
     OriginUnreachable,
@@ -57,6 +71,18 @@ _PROBE_RETRY = RetryConfig(base_delay_s=0.1, max_delay_s=0.5, max_attempts=3, bu
 _CODE_RE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE_RE = re.compile(rb"<Message>([^<]*)</Message>")
 
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+# S3's limits: one CopyObject copies at most 5 GiB; a multipart upload has at most 10,000 parts.
+COPY_MAX_BYTES = 5 * GiB
+MAX_PARTS = 10_000
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_HASH_INLINE_BYTES = 256 * KiB  # smaller bodies are hashed on the loop, larger ones in a thread
+_META_PREFIX = "x-amz-meta-"
+_META_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -66,6 +92,101 @@ class ObjectInfo:
     size: int
     etag: str
     mtime_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """HEAD of one object: its ``ObjectInfo`` plus user metadata (``x-amz-meta-NAME`` headers,
+    NAME lower-case without the prefix) and Content-Type."""
+
+    info: ObjectInfo
+    metadata: Mapping[str, str]
+    content_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy)
+    body: bytes
+
+
+class _PayloadAuth(botocore.auth.S3SigV4Auth):
+    """botocore's S3 SigV4 signer, told the payload hash instead of hashing the body itself:
+    the hash is computed once per body (off the loop when large), not once per signing."""
+
+    def __init__(self, credentials: Any, region: str, payload_hash: str) -> None:
+        super().__init__(credentials, "s3", region)
+        self._payload_hash = payload_hash
+
+    def payload(self, request: Any) -> str:
+        return self._payload_hash
+
+
+class _BufferPayload(aiohttp.payload.BytesPayload):
+    """A request body over the caller's buffer (no copy; sent again as-is on a retry).
+
+    BytesPayload warns about bodies over 1 MiB "locking the loop"; a part is handed to the
+    transport in one call that copies nothing, which is what we want, so the warning is skipped.
+    """
+
+    def __init__(self, value: memoryview) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
+        self._size = value.nbytes
+
+
+def _xml_root(body: bytes, what: str) -> tuple[ElementTree.Element, str]:
+    """Parse an S3 XML answer -> (root element, '{namespace}' or '')."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise OriginError(f"{what}: unparsable answer: {exc}") from None
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    return root, ns
+
+
+def _is_error_document(body: bytes) -> bool:
+    """Whether a 200 answer is really an ``<Error>`` (CompleteMultipartUpload, CopyObject)."""
+    head = body[:512].lstrip()
+    if b"<Error" not in head:
+        return False
+    try:
+        return ElementTree.fromstring(body).tag.rpartition("}")[2] == "Error"
+    except ElementTree.ParseError:
+        return False
+
+
+def _http_date_ns(value: str | None) -> int:
+    """An HTTP date header -> ns since the epoch; now if absent or unparsable."""
+    if value:
+        try:
+            return _mtime_ns(email.utils.parsedate_to_datetime(value))
+        except (TypeError, ValueError):
+            pass
+    return time.time_ns()
+
+
+def _meta_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """User metadata -> ``x-amz-meta-*`` headers. Names and values must be plain ASCII (S3
+    sends them back as HTTP headers); anything else is rejected rather than mangled."""
+    headers: dict[str, str] = {}
+    for name, value in (metadata or {}).items():
+        lname = name.lower()
+        if not _META_NAME_RE.match(lname):
+            raise InvalidArgument(f"metadata name {name!r} is not [a-z0-9_.-]")
+        if not value.isascii() or any(c in value for c in "\r\n\0"):
+            raise InvalidArgument(f"metadata {name!r}: value must be ASCII without newlines")
+        headers[_META_PREFIX + lname] = value
+    return headers
+
+
+def _as_view(body: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(body)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if not view.c_contiguous:
+        raise InvalidArgument("request body must be a contiguous buffer")
+    return view
 
 
 def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
@@ -284,6 +405,311 @@ class ObjectStore:
             Bucket=self.config.bucket, Key=key))
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=resp.get("ETag", ""),
                           mtime_ns=_mtime_ns(resp["LastModified"]))
+
+    def head_meta(self, key: str) -> ObjectMeta:
+        """Blocking bridge of ``head_object`` (user metadata included)."""
+        return self._loop.run(self.head_object(key))
+
+    def copy(self, src_key: str, dst_key: str, size: int, metadata: Mapping[str, str] | None = None,
+             **kwargs: Any) -> ObjectInfo:
+        """Blocking bridge of ``copy_object``."""
+        return self._loop.run(self.copy_object(src_key, dst_key, size, metadata, **kwargs))
+
+    def delete(self, key: str) -> None:
+        """Blocking bridge of ``delete_object``."""
+        self._loop.run(self.delete_object(key))
+
+    # ---- writes (event loop) ---------------------------------------------------------------
+
+    def _url(self, key: str | None, query: Mapping[str, str] | None = None) -> str:
+        url = self.object_url(key) if key is not None else self.bucket_url().rstrip("/")
+        if query:
+            # Canonical (sorted, RFC 3986) query: what SigV4 signs is exactly what is sent.
+            url += "?" + "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                                  for k, v in sorted(query.items()))
+        return url
+
+    async def _payload_headers(self, url: str, view: memoryview | None,
+                               content_md5: bool) -> tuple[str, dict[str, str]]:
+        """(payload hash for the signer, extra headers) of one body, computed once for all its
+        attempts; large bodies are hashed in a worker thread so the loop keeps serving."""
+        if view is None or view.nbytes == 0:
+            extra = {"Content-MD5": base64.b64encode(hashlib.md5(b"").digest()).decode()} \
+                if content_md5 else {}
+            return _EMPTY_SHA256, extra
+        https = url.startswith("https:")
+
+        def digest() -> tuple[str, dict[str, str]]:
+            extra: dict[str, str] = {}
+            if https or content_md5:
+                md5 = hashlib.md5(view, usedforsecurity=False).digest()
+                extra["Content-MD5"] = base64.b64encode(md5).decode()
+            # Over https with a Content-MD5 S3 takes an unsigned payload (botocore's own rule).
+            payload = _UNSIGNED_PAYLOAD if https else hashlib.sha256(view).hexdigest()
+            return payload, extra
+
+        if view.nbytes <= _HASH_INLINE_BYTES:
+            return digest()
+        return await asyncio.get_running_loop().run_in_executor(None, digest)
+
+    def _signed_payload_headers(self, method: str, url: str, headers: dict[str, str],
+                                payload_hash: str) -> dict[str, str]:
+        if self._credentials is None:
+            raise ConfigError("no AWS credentials found")
+        request = botocore.awsrequest.AWSRequest(method=method, url=url, headers=headers)
+        _PayloadAuth(self._credentials.get_frozen_credentials(), self.config.region,
+                     payload_hash).add_auth(request)
+        return dict(request.headers.items())
+
+    async def _request(self, what: str, method: str, key: str | None, *,
+                       query: Mapping[str, str] | None = None,
+                       headers: Mapping[str, str] | None = None,
+                       body: bytes | bytearray | memoryview | None = None,
+                       ok: Sequence[int] = (200,), error_in_200: bool = False,
+                       content_md5: bool = False) -> _Reply:
+        """One origin request under the retry policy: signed, sent, answer read whole.
+
+        ``body`` must stay unchanged until this returns (it is re-sent on a retry). A status
+        outside ``ok`` (or, with ``error_in_200``, an ``<Error>`` document in a 200) raises the
+        classified ``OriginError``. Metrics: ``origin_{what}_requests_total``,
+        ``_errors_total``, ``_retries_total`` and ``origin_{what}_bytes`` (body bytes sent).
+        """
+        url = self._url(key, query)
+        view = _as_view(body) if body is not None else None
+        payload_hash, extra = await self._payload_headers(url, view, content_md5)
+        base_headers = {**(headers or {}), **extra}
+        target = f"{what} {key if key is not None else self.config.bucket}"
+        backoff = Backoff(self.config.retry, clock=self._clock)
+        session = await self._session()
+        while True:
+            self._metrics.inc(f"origin_{what}_requests_total")
+            try:
+                signed = self._signed_payload_headers(method, url, dict(base_headers),
+                                                      payload_hash)
+                data = _BufferPayload(view) if view is not None else None
+                async with session.request(method, yarl.URL(url, encoded=True), headers=signed,
+                                           data=data, allow_redirects=False) as resp:
+                    reply = await resp.read()
+                    if resp.status not in ok or (error_in_200 and resp.status == 200
+                                                 and _is_error_document(reply)):
+                        raise self._error_from_body(resp.status, reply, target)
+                    if view is not None:
+                        self._metrics.inc(f"origin_{what}_bytes", view.nbytes)
+                    return _Reply(resp.status, resp.headers, reply)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                err: OriginError = OriginUnreachable(f"{target}: {type(exc).__name__}: {exc}",
+                                                     retryable=True)
+            except OriginError as exc:
+                err = exc
+            self._metrics.inc(f"origin_{what}_errors_total")
+            delay = backoff.next_delay() if err.retryable else None
+            if delay is None:
+                raise err
+            self._metrics.inc(f"origin_{what}_retries_total")
+            log.debug("retrying %s in %.2fs after %s", target, delay, err)
+            await asyncio.sleep(delay)
+
+    async def head_object(self, key: str) -> ObjectMeta:
+        """HEAD ``key``: size, ETag, mtime, user metadata. A missing key raises an error whose
+        errno is ENOENT."""
+        reply = await self._request("head", "HEAD", key)
+        h = reply.headers
+        metadata = {name.lower()[len(_META_PREFIX):]: value for name, value in h.items()
+                    if name.lower().startswith(_META_PREFIX)}
+        info = ObjectInfo(key=key, size=int(h.get("Content-Length", "0")),
+                          etag=h.get("ETag", ""), mtime_ns=_http_date_ns(h.get("Last-Modified")))
+        return ObjectMeta(info, metadata, h.get("Content-Type"))
+
+    async def put_object(self, key: str, body: bytes | bytearray | memoryview,
+                         metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+        """One PUT of the whole object (at most 5 GiB). ``mtime_ns`` is the server's Date."""
+        headers = _meta_headers(metadata)
+        view = _as_view(body)
+        reply = await self._request("put", "PUT", key, headers=headers, body=view)
+        return ObjectInfo(key=key, size=view.nbytes, etag=reply.headers.get("ETag", ""),
+                          mtime_ns=_http_date_ns(reply.headers.get("Date")))
+
+    async def create_multipart(self, key: str,
+                               metadata: Mapping[str, str] | None = None) -> str:
+        """CreateMultipartUpload -> the upload id. Metadata is given here, not at completion."""
+        reply = await self._request("create_multipart", "POST", key, query={"uploads": ""},
+                                    headers=_meta_headers(metadata))
+        root, ns = _xml_root(reply.body, f"create multipart {key}")
+        upload_id = root.findtext(ns + "UploadId")
+        if not upload_id:
+            raise OriginError(f"create multipart {key}: no UploadId in the answer")
+        return upload_id
+
+    async def upload_part(self, key: str, upload_id: str, part_number: int,
+                          body: bytes | bytearray | memoryview) -> str:
+        """UploadPart -> the part's ETag. ``body`` must not change until this returns."""
+        if not 1 <= part_number <= MAX_PARTS:
+            raise InvalidArgument(f"part number {part_number} is outside 1..{MAX_PARTS}")
+        reply = await self._request("upload_part", "PUT", key, body=body, query={
+            "partNumber": str(part_number), "uploadId": upload_id})
+        etag = reply.headers.get("ETag")
+        if not etag:
+            raise OriginError(f"upload part {part_number} of {key}: no ETag in the answer")
+        return etag
+
+    async def complete_multipart(self, key: str, upload_id: str,
+                                 parts: Sequence[tuple[int, str]], *,
+                                 size: int | None = None) -> ObjectInfo:
+        """CompleteMultipartUpload of ``parts`` ((number, etag), ascending) -> the object.
+
+        A 200 carrying an ``<Error>`` is an error (retried when its code is retryable). The
+        answer has no size or mtime: with ``size`` given, mtime is the server's Date; without
+        it one HEAD fetches both.
+        """
+        if not parts:
+            raise InvalidArgument(f"complete {key}: no parts")
+        numbers = [number for number, _ in parts]
+        if numbers != sorted(set(numbers)):
+            raise InvalidArgument(f"complete {key}: part numbers must ascend without repeats")
+        doc = "".join(f"<Part><PartNumber>{number}</PartNumber><ETag>{xml_escape(etag)}</ETag>"
+                      f"</Part>" for number, etag in parts)
+        body = f"<CompleteMultipartUpload>{doc}</CompleteMultipartUpload>".encode()
+        reply = await self._request("complete_multipart", "POST", key, body=body,
+                                    query={"uploadId": upload_id}, error_in_200=True)
+        root, ns = _xml_root(reply.body, f"complete {key}")
+        etag = root.findtext(ns + "ETag") or ""
+        if size is None:
+            return (await self.head_object(key)).info
+        return ObjectInfo(key=key, size=size, etag=etag,
+                          mtime_ns=_http_date_ns(reply.headers.get("Date")))
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """AbortMultipartUpload; an upload that is already gone (404) counts as aborted."""
+        try:
+            await self._request("abort_multipart", "DELETE", key, query={"uploadId": upload_id},
+                                ok=(200, 204))
+        except OriginError as exc:
+            if exc.status != 404:
+                raise
+
+    async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
+        """Multipart uploads in progress under ``prefix``: [(key, upload_id)], all pages."""
+        found: list[tuple[str, str]] = []
+        query = {"uploads": "", "prefix": prefix}
+        while True:
+            reply = await self._request("list_uploads", "GET", None, query=query)
+            root, ns = _xml_root(reply.body, f"list uploads {prefix!r}")
+            found.extend((u.findtext(ns + "Key") or "", u.findtext(ns + "UploadId") or "")
+                         for u in root.iterfind(ns + "Upload"))
+            if (root.findtext(ns + "IsTruncated") or "").lower() != "true":
+                return found
+            key_marker = root.findtext(ns + "NextKeyMarker") or ""
+            id_marker = root.findtext(ns + "NextUploadIdMarker") or ""
+            if not key_marker and not id_marker:
+                raise OriginError("upload listing truncated without markers")
+            query = {"uploads": "", "prefix": prefix, "key-marker": key_marker,
+                     "upload-id-marker": id_marker}
+
+    def _copy_source(self, key: str) -> str:
+        return f"/{self.config.bucket}/{quote(key, safe='/~')}"
+
+    async def copy_object(self, src_key: str, dst_key: str, size: int,
+                          metadata: Mapping[str, str] | None = None, *,
+                          src_etag: str | None = None,
+                          multipart_threshold_bytes: int = COPY_MAX_BYTES,
+                          part_bytes: int = 512 * MiB, concurrency: int = 8) -> ObjectInfo:
+        """Server-side copy of ``src_key`` (``size`` bytes) to ``dst_key``; no data passes here.
+
+        ``metadata=None`` keeps the source's user metadata, a mapping replaces it. With
+        ``src_etag`` the copy fails (ESTALE) if the source changed. Objects larger than
+        ``multipart_threshold_bytes`` (S3 allows at most 5 GiB per CopyObject) are copied as a
+        multipart upload of UploadPartCopy ranges of ``part_bytes`` (raised to fit 10,000
+        parts), ``concurrency`` at a time, all pinned to one source ETag; a failure aborts the
+        upload, so a half-copied object is never published.
+        """
+        if size > multipart_threshold_bytes:
+            return await self._copy_multipart(src_key, dst_key, size, metadata, src_etag,
+                                              part_bytes, concurrency)
+        headers = {"x-amz-copy-source": self._copy_source(src_key),
+                   "x-amz-metadata-directive": "COPY" if metadata is None else "REPLACE"}
+        if src_etag:
+            headers["x-amz-copy-source-if-match"] = src_etag
+        headers.update(_meta_headers(metadata))
+        reply = await self._request("copy", "PUT", dst_key, headers=headers, error_in_200=True)
+        root, ns = _xml_root(reply.body, f"copy {src_key} -> {dst_key}")
+        return ObjectInfo(key=dst_key, size=size, etag=root.findtext(ns + "ETag") or "",
+                          mtime_ns=_iso_ns(root.findtext(ns + "LastModified") or "")
+                          or _http_date_ns(reply.headers.get("Date")))
+
+    async def _copy_multipart(self, src_key: str, dst_key: str, size: int,
+                              metadata: Mapping[str, str] | None, src_etag: str | None,
+                              part_bytes: int, concurrency: int) -> ObjectInfo:
+        if part_bytes < 1 or concurrency < 1:
+            raise InvalidArgument("copy part size and concurrency must be >= 1")
+        if metadata is None or not src_etag:
+            # Multipart uploads do not copy metadata: carry it over from a HEAD, which also
+            # names the one version every range is copied from.
+            meta = await self.head_object(src_key)
+            metadata = meta.metadata if metadata is None else metadata
+            src_etag = src_etag or meta.info.etag
+        part_bytes = max(part_bytes, -(-size // MAX_PARTS))
+        ranges = [(n + 1, start, min(start + part_bytes, size))
+                  for n, start in enumerate(range(0, size, part_bytes))]
+        upload_id = await self.create_multipart(dst_key, metadata)
+        source = self._copy_source(src_key)
+        limit = asyncio.Semaphore(concurrency)
+
+        async def copy_part(number: int, start: int, end: int) -> tuple[int, str]:
+            async with limit:
+                reply = await self._request("upload_part_copy", "PUT", dst_key, headers={
+                    "x-amz-copy-source": source, "x-amz-copy-source-if-match": src_etag,
+                    "x-amz-copy-source-range": f"bytes={start}-{end - 1}"},
+                    query={"partNumber": str(number), "uploadId": upload_id},
+                    error_in_200=True)
+            root, ns = _xml_root(reply.body, f"copy part {number} of {src_key}")
+            return number, root.findtext(ns + "ETag") or ""
+
+        tasks = [asyncio.ensure_future(copy_part(*r)) for r in ranges]
+        try:
+            parts = await asyncio.gather(*tasks)
+            return await self.complete_multipart(dst_key, upload_id, parts, size=size)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._abort_quietly(dst_key, upload_id)
+            raise
+
+    async def _abort_quietly(self, key: str, upload_id: str) -> bool:
+        """Abort after a failure; never raises (the first error is what the caller reports)."""
+        try:
+            await asyncio.shield(self.abort_multipart(key, upload_id))
+            return True
+        except BaseException as exc:  # noqa: BLE001 - logged, counted, original error wins
+            self._metrics.inc("origin_abort_failures_total")
+            log.error("could not abort multipart upload %s of %s: %s", upload_id, key, exc)
+            return False
+
+    async def delete_object(self, key: str) -> None:
+        """DeleteObject; idempotent (a missing key is success, as S3 itself answers 204)."""
+        try:
+            await self._request("delete", "DELETE", key, ok=(200, 204))
+        except OriginError as exc:
+            if exc.status != 404:
+                raise
+
+    async def delete_objects(self, keys: Sequence[str]) -> None:
+        """DeleteObjects in batches of 1,000 (quiet mode). Missing keys are success; any other
+        per-key error raises, naming the first failed key and the count."""
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            doc = "".join(f"<Object><Key>{xml_escape(k)}</Key></Object>" for k in batch)
+            body = f"<Delete><Quiet>true</Quiet>{doc}</Delete>".encode()
+            reply = await self._request("delete_batch", "POST", None, query={"delete": ""},
+                                        body=body, content_md5=True)
+            root, ns = _xml_root(reply.body, "delete batch")
+            failed = [(e.findtext(ns + "Key") or "", e.findtext(ns + "Code") or "",
+                       e.findtext(ns + "Message") or "") for e in root.iterfind(ns + "Error")]
+            failed = [f for f in failed if f[1] != "NoSuchKey"]
+            if failed:
+                key, code, message = failed[0]
+                raise classify_origin_error(200, code, f"delete {key} (and {len(failed) - 1} "
+                                            f"more): {message}")
 
     # ---- bulk bytes (event loop) -----------------------------------------------------------
 

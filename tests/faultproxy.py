@@ -2,9 +2,13 @@
 
 Tests point objfs at the proxy's endpoint instead of the server's: every request still goes over
 HTTP on loopback to a real S3 server, nothing inside objfs is mocked. The proxy classifies each
-request (``list``, ``get``, ``head``, ``put``, ``other``), counts requests and response body
-bytes per class, and can fail the next N requests of a class with a status/S3 error code, or
-cut the next N response bodies after some bytes.
+request (``list``, ``list_probe``, ``get``, ``head``, ``put`` (a plain PutObject or any other
+PUT), the write calls ``create_multipart``, ``upload_part``, ``complete_multipart``,
+``abort_multipart``, ``list_uploads``, ``list_parts``, ``copy``, ``upload_part_copy``,
+``delete``, ``delete_batch``, and ``other``), counts requests and response body bytes per
+class, records request body sizes and the peak number of requests in flight per class, and can
+fail the next N requests of a class with a status/S3 error code (optionally only those whose
+path and query match), delay them, or cut the next N response bodies after some bytes.
 """
 
 from __future__ import annotations
@@ -14,20 +18,41 @@ import collections
 import dataclasses
 import socket
 import threading
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
 
-def classify(method: str, query: dict[str, str], path: str) -> str:
+def classify(method: str, query: Mapping[str, str], path: str,
+             headers: Mapping[str, str] | None = None) -> str:
+    copy = any(name.lower() == "x-amz-copy-source" for name in (headers or {}))
     if method == "GET" and "list-type" in query:
         return "list_probe" if query.get("max-keys") == "1" else "list"
+    if method == "GET" and "uploads" in query:
+        return "list_uploads"
+    if method == "GET" and "uploadId" in query:
+        return "list_parts"
     if method == "GET" and path.count("/") >= 2 and not query:
         return "get"
     if method == "HEAD":
         return "head"
     if method == "PUT":
-        return "put"
+        if "partNumber" in query and "uploadId" in query:
+            return "upload_part_copy" if copy else "upload_part"
+        return "copy" if copy else "put"
+    if method == "POST":
+        if "uploads" in query:
+            return "create_multipart"
+        if "uploadId" in query:
+            return "complete_multipart"
+        if "delete" in query:
+            return "delete_batch"
+    if method == "DELETE":
+        if "uploadId" in query:
+            return "abort_multipart"
+        if path.count("/") >= 2:
+            return "delete"
     return "other"
 
 
@@ -37,6 +62,8 @@ class Fault:
     status: int = 503
     code: str = "SlowDown"
     cut_after: int | None = None  # cut the body after this many bytes instead of failing
+    match: Callable[[str], bool] | None = None  # only requests whose path+query match
+    delay_s: float = 0.0  # hold the request this long, then forward it (no failure)
 
 
 class FaultProxy:
@@ -45,6 +72,9 @@ class FaultProxy:
         self.requests: collections.Counter[str] = collections.Counter()
         self.body_bytes: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, dict[str, str]]] = []  # (kind, path, headers)
+        self.sizes: list[tuple[str, str, int]] = []  # (kind, path+query, request body bytes)
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.max_inflight: collections.Counter[str] = collections.Counter()
         self._faults: dict[str, Fault] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,9 +88,15 @@ class FaultProxy:
 
     # ---- test API --------------------------------------------------------------------------
 
-    def fail_next(self, kind: str, count: int, status: int = 503, code: str = "SlowDown") -> None:
+    def fail_next(self, kind: str, count: int, status: int = 503, code: str = "SlowDown", *,
+                  match: Callable[[str], bool] | None = None) -> None:
         with self._lock:
-            self._faults[kind] = Fault(count, status, code)
+            self._faults[kind] = Fault(count, status, code, match=match)
+
+    def delay_next(self, kind: str, count: int, seconds: float) -> None:
+        """Hold the next ``count`` requests of ``kind`` for ``seconds``, then forward them."""
+        with self._lock:
+            self._faults[kind] = Fault(count, delay_s=seconds)
 
     def cut_next(self, kind: str, count: int, after_bytes: int) -> None:
         with self._lock:
@@ -71,12 +107,16 @@ class FaultProxy:
             self.requests.clear()
             self.body_bytes.clear()
             self.log.clear()
+            self.sizes.clear()
+            self.max_inflight.clear()
             self._faults.clear()
 
-    def _take_fault(self, kind: str) -> Fault | None:
+    def _take_fault(self, kind: str, path_qs: str = "") -> Fault | None:
         with self._lock:
             fault = self._faults.get(kind)
             if fault is None or fault.remaining <= 0:
+                return None
+            if fault.match is not None and not fault.match(path_qs):
                 return None
             fault.remaining -= 1
             return fault
@@ -84,16 +124,31 @@ class FaultProxy:
     # ---- server ----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        kind = classify(request.method, dict(request.query), request.path)
+        kind = classify(request.method, dict(request.query), request.path, request.headers)
         with self._lock:
             self.requests[kind] += 1
             self.log.append((kind, request.path, dict(request.headers)))
-        fault = self._take_fault(kind)
+            self.inflight[kind] += 1
+            self.max_inflight[kind] = max(self.max_inflight[kind], self.inflight[kind])
+        try:
+            return await self._forward(request, kind)
+        finally:
+            with self._lock:
+                self.inflight[kind] -= 1
+
+    async def _forward(self, request: web.Request, kind: str) -> web.StreamResponse:
+        fault = self._take_fault(kind, request.path_qs)
+        if fault is not None and fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+            fault = None
         if fault is not None and fault.cut_after is None:
+            await request.read()  # take the whole upload first: the client sees the answer
             body = (f"<?xml version=\"1.0\"?><Error><Code>{fault.code}</Code>"
                     f"<Message>injected</Message></Error>").encode()
             return web.Response(status=fault.status, body=body, content_type="application/xml")
         body = await request.read()
+        with self._lock:
+            self.sizes.append((kind, request.path_qs, len(body)))
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in ("transfer-encoding", "content-length")}
         assert self._session is not None
