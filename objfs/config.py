@@ -61,6 +61,14 @@ def parse_size(value: str | int, flag: str) -> int:
     return size
 
 
+def parse_host_port(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9567)")
+    return host, int(port)
+
+
 def _parse_mode(value: str | int, flag: str) -> int:
     try:
         mode = int(value, 8) if isinstance(value, str) else int(value)
@@ -151,6 +159,7 @@ class MountConfig:
     cache_size_bytes: int = 10 * 1024 * MiB  # page files on disk, headers included
     cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
     cache_policy: str = "lru"
+    metrics_addr: tuple[str, int] | None = None  # serve Prometheus /metrics here
     log_level: str = "INFO"
     log_file: Path | None = None
 
@@ -161,7 +170,8 @@ class MountConfig:
                file_mode: str | None = None, dir_mode: str | None = None,
                fuse_options: list[str] | None = None, cache_size: str | None = None,
                cache_free_floor: str | None = None, readahead: str | None = None,
-               read_request_size: str | None = None, **rest: object) -> "MountConfig":
+               read_request_size: str | None = None, metrics_addr: str | None = None,
+               **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
@@ -193,6 +203,8 @@ class MountConfig:
                                     read_request_size)):
             if value is not None:
                 kwargs[field] = parse_size(value, flag)
+        if metrics_addr is not None:
+            kwargs["metrics_addr"] = parse_host_port(metrics_addr, "--metrics-addr")
         if file_mode is not None:
             kwargs["file_mode"] = _parse_mode(file_mode, "--file-mode")
         if dir_mode is not None:

@@ -14,6 +14,7 @@ the first ``ls`` sees everything. A remount with a complete tree serves at once;
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -29,12 +30,14 @@ from pathlib import Path
 from objfs.cache.pagecache import PageCache
 from objfs.cache.sources import OriginSource, SourceChain
 from objfs.config import MiB, MountConfig
-from objfs.errors import ConfigError, ObjfsError
+from objfs.control import SOCKET_NAME, ControlServer
+from objfs.errors import ConfigError, NotFound, ObjfsError
+from objfs.fs import Filesystem
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.mounts import mounted_fstype
 from objfs.store import ObjectInfo, ObjectStore
-from objfs.tree import MetadataTree
+from objfs.tree import MetadataTree, RefreshStats
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +171,12 @@ class Refresher:
                 raise ObjfsError("refresh cancelled: shutting down")
             yield page
 
-    def refresh_now(self, scope: str = "") -> None:
+    def refresh_now(self, scope: str = "") -> RefreshStats:
         stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed)
         log.info("refreshed %s: %d objects listed, %d added, %d changed, %d removed, "
                  "%d invalid keys skipped in %.2fs", scope or "/", stats.objects, stats.added,
                  stats.changed, stats.removed, stats.skipped_invalid, stats.duration_s)
+        return stats
 
     def _run(self) -> None:
         while not self._stop.wait(self._due_in()):
@@ -206,10 +210,35 @@ def open_page_cache(config: MountConfig, store: ObjectStore, loop: EventLoopThre
         raise ConfigError(f"page cache in {config.cache_dir}: {exc.strerror or exc}") from None
 
 
+def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, fs: Filesystem,
+                  refresher: Refresher, url: str) -> ControlServer:
+    """The control endpoint: stats, refresh and cache-drop commands, Prometheus metrics."""
+
+    def refresh(path: str) -> dict[str, object]:
+        rel = path.strip("/")
+        scope = ""
+        if rel:
+            try:
+                inode = fs.resolve(rel)
+                scope = rel if inode.is_dir else rel.rpartition("/")[0]
+            except NotFound:
+                scope = rel  # not known yet: list it, it may have appeared at the origin
+        scope = f"{scope}/" if scope else ""
+        return dataclasses.asdict(refresher.refresh_now(scope))
+
+    control = ControlServer(
+        loop=loop, metrics=metrics, socket_path=config.cache_dir / SOCKET_NAME,
+        info={"source": url, "mountpoint": str(config.mountpoint), "pid": os.getpid(),
+              "cache_dir": str(config.cache_dir), "cache_policy": config.cache_policy,
+              "cache_size_bytes": config.cache_size_bytes},
+        refresh=refresh, drop=fs.drop_cached, metrics_addr=config.metrics_addr)
+    control.start()
+    return control
+
+
 def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) -> int:
     """Serve the mount. ``ready(None)`` once mounted, ``ready(message)`` on a start-up error."""
     from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
-    from objfs.fs import Filesystem
 
     write_lock_owner(lock_fd)
     metrics = Metrics()
@@ -218,6 +247,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     tree: MetadataTree | None = None
     cache: PageCache | None = None
     refresher: Refresher | None = None
+    control: ControlServer | None = None
     mounted = False
     try:
         store = ObjectStore(config.store, loop, metrics=metrics)
@@ -231,6 +261,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             "user.objfs.cache_dir": str(config.cache_dir),
             "user.objfs.source": url,
             "user.objfs.endpoint": config.store.endpoint or "",
+            "user.objfs.control": str(config.cache_dir / SOCKET_NAME),
         })
         if tree.listed_at() is None:
             log.info("no complete metadata tree in %s: listing %s", config.cache_dir, url)
@@ -240,6 +271,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
                      stats.skipped_invalid, time.monotonic() - started)
         refresher = Refresher(tree, store, config.ttl_s, fs.changed)
         refresher.start()
+        metrics.gauge("tree_objects", tree.count)
+        control = start_control(config, loop, metrics, fs, refresher, url)
         options = fuse_adapter.mount_options(
             fsname=f"objfs:{config.store.bucket}/{config.store.prefix}".rstrip("/"),
             allow_other=config.allow_other, read_only=config.read_only,
@@ -268,6 +301,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
         return 1
     finally:
         t0 = time.monotonic()
+        if control is not None:
+            control.stop()
         if refresher is not None:
             refresher.stop()
         t1 = time.monotonic()

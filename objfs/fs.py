@@ -16,6 +16,8 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 
+import cachetools
+
 from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
@@ -75,6 +77,11 @@ class Filesystem:
         self._files: dict[int, FileHandle] = {}  # guarded by _handles_lock
         self._dirs: dict[int, DirHandle] = {}    # guarded by _handles_lock
         self._next_fh = itertools.count(1)
+        # ino -> ETag last opened: a re-open of the same version is served from the kernel's
+        # page cache (llfuse replies keep_cache), which the daemon never sees; count those.
+        self._opened: cachetools.LRUCache[int, str] = cachetools.LRUCache(65536)  # _handles_lock
+        metrics.gauge("readahead_window_pages_max", self._largest_readahead_window)
+        metrics.gauge("fuse_open_files", lambda: len(self._files))
         # Set by the adapter: tell the kernel to drop cached pages/attrs of these inodes.
         self.invalidate_inodes: Callable[[list[int]], None] = lambda inos: None
 
@@ -89,11 +96,9 @@ class Filesystem:
                           inode.mtime_ns, PAGE_SIZE, c.attr_timeout_s)
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
-        self.metrics.inc("fuse_lookup_total")
         return self.attributes(self.tree.lookup(parent, name))
 
     def getattr(self, ino: int) -> Attributes:
-        self.metrics.inc("fuse_getattr_total")
         return self.attributes(self.tree.get(ino))
 
     def access(self, ino: int, mode: int) -> None:
@@ -119,7 +124,6 @@ class Filesystem:
         offset from the previous call is one cursor seek; any other offset (seekdir) is a
         counted walk, correct but linear.
         """
-        self.metrics.inc("fuse_readdir_total")
         with self._handles_lock:
             handle = self._dirs.get(fh)
         if handle is None:
@@ -147,21 +151,26 @@ class Filesystem:
     # ---- files -----------------------------------------------------------------------------
 
     def open(self, ino: int, flags: int) -> int:
-        self.metrics.inc("fuse_open_total")
         inode = self.tree.get(ino)
         if inode.is_dir:
             raise ObjfsError("is a directory", errno_value=errno.EISDIR)
         if flags & _WRITE_FLAGS:
             raise ReadOnly("read-only mount")
-        version = ObjectVersion(self.config.store.bucket, self.config.store.prefix + inode.relpath,
-                                inode.etag, inode.size)
+        version = self.version_of(inode)
         fh = next(self._next_fh)
         with self._handles_lock:
+            if self._opened.get(ino) == inode.etag:
+                self.metrics.inc("read_kernel_cache_reopens_total")
+            self._opened[ino] = inode.etag
             self._files[fh] = FileHandle(inode, version, self.cache.new_stream())
         return fh
 
+    def _largest_readahead_window(self) -> int:
+        with self._handles_lock:
+            handles = list(self._files.values())
+        return max((h.stream.window_pages for h in handles), default=0)
+
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        self.metrics.inc("fuse_read_total")
         with self._handles_lock:
             handle = self._files.get(fh)
         if handle is None:
@@ -203,6 +212,32 @@ class Filesystem:
         return {"f_bsize": PAGE_SIZE, "f_frsize": PAGE_SIZE, "f_blocks": blocks,
                 "f_bfree": blocks, "f_bavail": blocks, "f_files": files + (1 << 20),
                 "f_ffree": 1 << 20, "f_favail": 1 << 20, "f_namemax": 255}
+
+    # ---- control commands ------------------------------------------------------------------
+
+    def resolve(self, relpath: str) -> Inode:
+        """The inode at ``relpath`` (relative to the mount root; '' is the root)."""
+        inode = self.tree.get(ROOT_INO)
+        for name in (p for p in relpath.strip("/").split("/") if p):
+            inode = self.tree.lookup(inode.ino, name.encode())
+        return inode
+
+    def version_of(self, inode: Inode) -> ObjectVersion:
+        return ObjectVersion(self.config.store.bucket, self.config.store.prefix + inode.relpath,
+                             inode.etag, inode.size)
+
+    def drop_cached(self, relpath: str) -> dict[str, int]:
+        """Remove the cached pages of a file, or of every file under a directory."""
+        files = pages = 0
+        pending = [self.resolve(relpath)]
+        while pending:
+            inode = pending.pop()
+            if inode.is_dir:
+                pending.extend(self.tree.get(e.ino) for e in self.tree.readdir(inode.ino))
+                continue
+            files += 1
+            pages += self.cache.drop(self.version_of(inode))
+        return {"files": files, "pages_dropped": pages}
 
     def changed(self, inos: list[int]) -> None:
         """The tree saw these inodes change or disappear at the origin."""

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,23 +22,33 @@ import llfuse
 
 from objfs.errors import ObjfsError, ReadOnly
 from objfs.fs import Attributes, Filesystem
+from objfs.metrics import Metrics
 from objfs.tree import Kind
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _errors(op: str) -> Iterator[None]:
+def _errors(op: str, metrics: Metrics) -> Iterator[None]:
+    """The one per-operation hook: errno mapping, counts, errors and latency per op type.
+    Counting is two thread-local dict updates (``Metrics``), no lock."""
+    started = time.perf_counter()
     try:
         yield
     except llfuse.FUSEError:
+        metrics.inc(f"fuse_{op}_errors_total")
         raise
     except ObjfsError as exc:
+        metrics.inc(f"fuse_{op}_errors_total")
         log.log(exc.log_level, "%s: %s", op, exc)
         raise llfuse.FUSEError(exc.errno) from None
     except Exception:
+        metrics.inc(f"fuse_{op}_errors_total")
         log.exception("%s failed unexpectedly", op)
         raise llfuse.FUSEError(errno.EIO) from None
+    finally:
+        metrics.inc(f"fuse_{op}_total")
+        metrics.inc(f"fuse_{op}_seconds_total", time.perf_counter() - started)
 
 
 def _entry(attrs: Attributes) -> llfuse.EntryAttributes:
@@ -76,25 +87,25 @@ class FuseOperations(llfuse.Operations):
                     log.debug("invalidate_inode(%d): %s", ino, exc)
 
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
-        with _errors("lookup"), llfuse.lock_released:
+        with _errors("lookup", self.fs.metrics), llfuse.lock_released:
             return _entry(self.fs.lookup(parent_inode, name))
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
-        with _errors("getattr"), llfuse.lock_released:
+        with _errors("getattr", self.fs.metrics), llfuse.lock_released:
             return _entry(self.fs.getattr(inode))
 
     def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
-        with _errors("access"), llfuse.lock_released:
+        with _errors("access", self.fs.metrics), llfuse.lock_released:
             self.fs.access(inode, mode)
             return True
 
     def opendir(self, inode: int, ctx: Any = None) -> int:
-        with _errors("opendir"), llfuse.lock_released:
+        with _errors("opendir", self.fs.metrics), llfuse.lock_released:
             return self.fs.opendir(inode)
 
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
         # A generator: llfuse drives it with the lock held; each step is one LMDB cursor move.
-        with _errors("readdir"):
+        with _errors("readdir", self.fs.metrics):
             for name, ino, kind, next_off in self.fs.readdir(fh, off):
                 entry = llfuse.EntryAttributes()
                 entry.st_ino = ino
@@ -102,19 +113,19 @@ class FuseOperations(llfuse.Operations):
                 yield name, entry, next_off
 
     def releasedir(self, fh: int) -> None:
-        with _errors("releasedir"):
+        with _errors("releasedir", self.fs.metrics):
             self.fs.releasedir(fh)
 
     def open(self, inode: int, flags: int, ctx: Any = None) -> int:
-        with _errors("open"), llfuse.lock_released:
+        with _errors("open", self.fs.metrics), llfuse.lock_released:
             return self.fs.open(inode, flags)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        with _errors("read"), llfuse.lock_released:
+        with _errors("read", self.fs.metrics), llfuse.lock_released:
             return self.fs.read(fh, off, size)
 
     def release(self, fh: int) -> None:
-        with _errors("release"):
+        with _errors("release", self.fs.metrics):
             self.fs.release(fh)
 
     def flush(self, fh: int) -> None:
@@ -125,7 +136,7 @@ class FuseOperations(llfuse.Operations):
         return None
 
     def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        with _errors("getxattr"), llfuse.lock_released:
+        with _errors("getxattr", self.fs.metrics), llfuse.lock_released:
             try:
                 return self.fs.getxattr(inode, name)
             except ObjfsError as exc:
@@ -134,11 +145,11 @@ class FuseOperations(llfuse.Operations):
                 raise
 
     def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        with _errors("listxattr"), llfuse.lock_released:
+        with _errors("listxattr", self.fs.metrics), llfuse.lock_released:
             return self.fs.listxattr(inode)
 
     def statfs(self, ctx: Any = None) -> llfuse.StatvfsData:
-        with _errors("statfs"), llfuse.lock_released:
+        with _errors("statfs", self.fs.metrics), llfuse.lock_released:
             data = llfuse.StatvfsData()
             for name, value in self.fs.statfs().items():
                 setattr(data, name, value)

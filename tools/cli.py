@@ -58,6 +58,8 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=("lru", "uniform"), default="lru",
                    help="eviction policy: lru, or uniform for shuffled multi-epoch training "
                    "over a dataset larger than the cache (default lru)")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-file", type=Path, help="log here (default: CACHE_DIR/objfs.log)")
 
@@ -74,7 +76,76 @@ def build_parser() -> argparse.ArgumentParser:
     p_umount.add_argument("--timeout", type=float, default=30.0,
                           help="seconds to wait for the daemon to exit (default 30)")
     p_umount.set_defaults(func=cmd_umount)
+
+    p_stats = sub.add_parser("stats", help="live statistics of a mount, one row per interval")
+    p_stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_stats.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                         help="seconds between rows (default 1)")
+    p_stats.add_argument("--count", type=_positive_int, metavar="N",
+                         help="stop after N rows (default: until interrupted)")
+    p_stats.add_argument("--json", action="store_true", dest="as_json",
+                         help="print one snapshot of every counter as JSON and exit")
+    p_stats.set_defaults(func=cmd_stats)
+
+    p_refresh = sub.add_parser("refresh", help="relist the origin now (a subtree with PATH)")
+    p_refresh.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_refresh.add_argument("path", nargs="?", metavar="PATH",
+                           help="directory or file under the mount (default: all of it)")
+    p_refresh.set_defaults(func=cmd_refresh)
+
+    p_cache = sub.add_parser("cache", help="page cache commands")
+    cache_sub = p_cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    p_drop = cache_sub.add_parser("drop", help="remove the cached pages of a file or directory")
+    p_drop.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_drop.add_argument("path", metavar="PATH", help="file or directory under the mount")
+    p_drop.set_defaults(func=cmd_cache_drop)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from objfs.tools import control_client
+
+    return control_client.run_stats(args.mountpoint, interval=args.interval, count=args.count,
+                                    as_json=args.as_json)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from objfs.tools import control_client
+
+    result = control_client.command(args.mountpoint, "/refresh", args.path)
+    print(f"refreshed /{result.get('scope', '')}: {result.get('objects', 0)} objects listed, "
+          f"{result.get('added', 0)} added, {result.get('changed', 0)} changed, "
+          f"{result.get('removed', 0)} removed in {result.get('duration_s', 0):.2f}s")
+    return 0
+
+
+def cmd_cache_drop(args: argparse.Namespace) -> int:
+    from objfs.tools import control_client
+
+    result = control_client.command(args.mountpoint, "/cache/drop", args.path)
+    print(f"dropped {result.get('pages_dropped', 0)} cached pages of "
+          f"{result.get('files', 0)} files")
+    return 0
 
 
 def _config_from_args(args: argparse.Namespace) -> MountConfig:
@@ -87,7 +158,7 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
         readahead=args.readahead, cache_size=args.cache_size,
         cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
-        log_level=args.log_level,
+        metrics_addr=args.metrics_addr, log_level=args.log_level,
         log_file=args.log_file)
 
 
@@ -194,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("objfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `objfs stats --json | head`: the reader is gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

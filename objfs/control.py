@@ -1,0 +1,151 @@
+"""The local control endpoint of one mount, and its Prometheus exposition.
+
+An aiohttp app on the daemon's event loop, served on a unix socket in the cache dir (mode 0600,
+so only the mount's owner can drive it), and optionally on ``--metrics-addr HOST:PORT`` for
+Prometheus (``/metrics`` only there: commands never listen on TCP).
+
+    GET  /stats                 {"mount": {...}, "time": t, "metrics": {name: value}}
+    GET  /metrics               Prometheus text format, every metric labelled with the mount
+    POST /refresh?path=REL      relist PREFIX/REL now (the whole mount without path)
+    POST /cache/drop?path=REL   remove the cached pages of a file, or of every file under a dir
+
+Commands run in a worker thread (they list the origin or delete files), never on the loop.
+``objfs stats|refresh|cache drop MOUNTPOINT`` find the socket through the root's
+``user.objfs.control`` extended attribute, so the mount point alone is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from objfs.errors import ObjfsError
+from objfs.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+_PROM_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def prometheus_text(metrics: dict[str, float], labels: dict[str, str]) -> str:
+    """Counters end in _total/_bytes/_seconds_total; everything else is a gauge."""
+    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+    lines = []
+    for name in sorted(metrics):
+        value = metrics[name]
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        prom = "objfs_" + _PROM_NAME.sub("_", name)
+        kind = "counter" if name.endswith(("_total", "_bytes")) and not name.startswith(
+            ("cache_used", "cache_capacity", "upload_bytes_buffered")) else "gauge"
+        if kind == "counter" and not prom.endswith("_total"):
+            prom += "_total"  # OpenMetrics wants counters to end in _total
+        lines.append(f"# TYPE {prom} {kind}")
+        lines.append(f"{prom}{{{label_text}}} {float(value)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class ControlServer:
+    """Owns the aiohttp runner; start/stop are called from any thread, run on the loop."""
+
+    def __init__(self, *, loop: Any, metrics: Metrics, info: dict[str, Any],
+                 socket_path: Path, refresh: Callable[[str], dict[str, Any]],
+                 drop: Callable[[str], dict[str, Any]],
+                 metrics_addr: tuple[str, int] | None = None) -> None:
+        self._loop = loop  # objfs.loop.EventLoopThread
+        self._metrics = metrics
+        self._info = info
+        self.socket_path = socket_path
+        self._refresh = refresh
+        self._drop = drop
+        self._metrics_addr = metrics_addr
+        self._runner: web.AppRunner | None = None
+        self._prom_runner: web.AppRunner | None = None
+
+    def start(self) -> None:
+        self._loop.run(self._start(), timeout=30)
+
+    def stop(self) -> None:
+        try:
+            self._loop.run(self._stop(), timeout=10)
+        except Exception as exc:  # shutting down anyway
+            log.debug("control endpoint stop: %s", exc)
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/stats", self._stats)
+        app.router.add_get("/metrics", self._prometheus)
+        app.router.add_post("/refresh", self._command(self._refresh))
+        app.router.add_post("/cache/drop", self._command(self._drop))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)  # the socket is created 0600
+        try:
+            await web.UnixSite(self._runner, str(self.socket_path)).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        if self._metrics_addr is not None:
+            prom = web.Application()
+            prom.router.add_get("/metrics", self._prometheus)
+            self._prom_runner = web.AppRunner(prom, access_log=None)
+            await self._prom_runner.setup()
+            host, port = self._metrics_addr
+            try:
+                await web.TCPSite(self._prom_runner, host, port).start()
+            except OSError as exc:
+                raise ObjfsError(f"--metrics-addr {host}:{port}: {exc.strerror or exc}") \
+                    from None
+
+    async def _stop(self) -> None:
+        for runner in (self._runner, self._prom_runner):
+            if runner is not None:
+                await runner.cleanup()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"mount": self._info, "time": time.time(), "metrics": self._metrics.snapshot()}
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def _prometheus(self, request: web.Request) -> web.Response:
+        text = prometheus_text(self._metrics.snapshot(),
+                               {"mount": str(self._info.get("mountpoint", ""))})
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    def _command(self, fn: Callable[[str], dict[str, Any]]) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            path = request.query.get("path", "")
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(None, fn, path)
+            except ObjfsError as exc:
+                return web.json_response({"error": str(exc), "errno": exc.errno}, status=400)
+            except Exception as exc:
+                log.exception("control command %s failed", request.path)
+                return web.json_response({"error": f"{type(exc).__name__}: {exc}"},
+                                         status=500)
+            return web.json_response(result)
+        return handler
