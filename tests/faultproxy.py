@@ -222,3 +222,5 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
