@@ -693,11 +693,14 @@ class ObjectStore:
             if exc.status != 404:
                 raise
 
-    async def delete_objects(self, keys: Sequence[str]) -> None:
-        """DeleteObjects in batches of 1,000 (quiet mode). Missing keys are success; any other
-        per-key error raises, naming the first failed key and the count."""
-        for i in range(0, len(keys), 1000):
-            batch = keys[i:i + 1000]
+    async def delete_objects(self, keys: Sequence[str], *, batch_size: int = 1000) -> None:
+        """DeleteObjects in batches (S3 takes at most 1,000 keys per request; quiet mode).
+        Missing keys are success; any other per-key error raises, naming the first failed key
+        and the count."""
+        if not 1 <= batch_size <= 1000:
+            raise InvalidArgument(f"delete batch size {batch_size} is outside 1..1000")
+        for i in range(0, len(keys), batch_size):
+            batch = keys[i:i + batch_size]
             doc = "".join(f"<Object><Key>{xml_escape(k)}</Key></Object>" for k in batch)
             body = f"<Delete><Quiet>true</Quiet>{doc}</Delete>".encode()
             reply = await self._request("delete_batch", "POST", None, query={"delete": ""},
