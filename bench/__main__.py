@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.common import (DEFAULT_DATA_DIR, DEFAULT_RESULTS_DIR, HostLoad, StepError,
@@ -16,6 +16,7 @@ from bench.machine import machine_info
 from bench.origin import Origin, seaweed_version
 from bench.report import RunRecord, WorkloadResult, markdown, write_results
 from bench.workloads import WORKLOADS
+from bench.workloads.base import Sizes
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Context:
     args: argparse.Namespace
     origin: Origin
     work_dir: Path
+    data_dir: Path
+    sizes: Sizes
 
     @staticmethod
     def log(msg: str) -> None:
@@ -33,24 +36,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--only", action="append", choices=sorted(WORKLOADS), metavar="NAME",
                    help=f"run only this workload (repeatable); one of {', '.join(WORKLOADS)}")
-    p.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
-    p.add_argument("--objects", type=int, default=100_000,
-                   help="objects in the listing prefix (default 100000)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="runs per workload (default 3; 1 with --smoke)")
+    p.add_argument("--smoke", action="store_true",
+                   help="small sizes and 1 run: the whole harness in a few minutes")
+    p.add_argument("--objects", type=int, default=None,
+                   help="objects in the listing prefix (default 100000; 2000 with --smoke)")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR,
                    help=f"where the JSON/markdown results go (default {DEFAULT_RESULTS_DIR})")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"persistent origin data + run dirs (default {DEFAULT_DATA_DIR})")
     p.add_argument("--repopulate", action="store_true",
                    help="upload the datasets again even if their marker exists")
-    p.add_argument("--timeout", type=float, default=900,
-                   help="timeout in seconds for each mount / find / umount (default 900)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="timeout in seconds for each mount / find / umount / measured step "
+                        "(default 900; 300 with --smoke)")
+    p.add_argument("--origin-host", default="127.0.0.2",
+                   help="loopback address the origin listens on (default 127.0.0.2)")
     p.add_argument("--mount-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `objfs mount` (repeatable, e.g. --mount-arg=--ttl=600)")
     p.add_argument("--keep-run-dirs", action="store_true",
                    help="keep each run's cache dir and logs even when the run succeeded")
     a = p.parse_args(argv)
+    sizes = Sizes.smoke() if a.smoke else Sizes()
+    if a.runs is None:
+        a.runs = 1 if a.smoke else 3
+    if a.objects is None:
+        a.objects = sizes.listing_objects
+    if a.timeout is None:
+        a.timeout = sizes.step_timeout
     if a.runs < 1 or a.objects < 1:
         p.error("--runs and --objects must be >= 1")
+    a.sizes = replace(sizes, listing_objects=a.objects, step_timeout=a.timeout)
     return a
 
 
@@ -67,12 +84,13 @@ def main(argv=None) -> int:
     data_dir = args.data_dir.resolve()
     work_dir = data_dir / "runs"
     work_dir.mkdir(parents=True, exist_ok=True)
-    origin = Origin(data_dir, log=Context.log)
-    ctx = Context(args, origin, work_dir)
+    origin = Origin(data_dir, log=Context.log, host=args.origin_host)
+    ctx = Context(args, origin, work_dir, data_dir, args.sizes)
     results: list[WorkloadResult] = []
     header: dict = {"schema": 1, "started_at": started,
                     "command": ["python", "-m", "bench", *sys.argv[1:]],
                     "settings": {"runs": args.runs, "objects": args.objects,
+                                 "smoke": args.smoke, "sizes": args.sizes.to_json(),
                                  "workloads": names, "data_dir": str(data_dir),
                                  "timeout_s": args.timeout, "mount_args": args.mount_arg,
                                  "figure": "median of the runs that measured it, with min/max"}}

@@ -129,3 +129,95 @@ class HostLoad:
         dt = max(1, total - self.total0)
         return {"cpu_busy_pct": round(100 * (busy - self.busy0) / dt, 1),
                 "loadavg_start": self.load0, "loadavg_end": loadavg()}
+
+
+# --------------------------------------------------------------------------------------------
+# kernel caches, memory sampling, errors
+
+def drop_caches() -> float:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches`` (root): the whole machine's page cache,
+    dentries and inodes. Returns seconds (the sync can take a while after big writes)."""
+    t0 = time.perf_counter()
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    return time.perf_counter() - t0
+
+
+class RssSampler:
+    """Samples VmRSS of some pids every ``interval`` seconds in a thread; ``peak_mib(pid)`` is the
+    largest sample, ``hwm_mib(pid)`` the kernel's VmHWM (peak over the process's life) at stop.
+
+    Used as a context manager around a measured step."""
+
+    def __init__(self, pids, interval: float = 0.1):
+        import threading
+        self.pids = [p for p in pids if p]
+        self.interval = interval
+        self.peak: dict[int, int] = {}
+        self.first: dict[int, int] = {}
+        self.hwm: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="rss-sampler")
+
+    def _sample(self) -> None:
+        for pid in self.pids:
+            try:
+                st = proc_status(pid)
+            except OSError:
+                continue
+            self.first.setdefault(pid, st["VmRSS"])
+            self.peak[pid] = max(self.peak.get(pid, 0), st["VmRSS"])
+            self.hwm[pid] = st["VmHWM"]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "RssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+
+    def peak_mib(self, pid: int) -> float | None:
+        return self.peak[pid] / 1024 if pid in self.peak else None
+
+    def first_mib(self, pid: int) -> float | None:
+        return self.first[pid] / 1024 if pid in self.first else None
+
+    def hwm_mib(self, pid: int) -> float | None:
+        return self.hwm[pid] / 1024 if pid in self.hwm else None
+
+
+def errno_label(text: str | bytes | None) -> str | None:
+    """The errno name (``EROFS``, ``ENOSPC``...) that a tool's error message names, if any:
+    strerror texts (dd, cp, cat) and fio's ``err=N/...``."""
+    import errno as _errno
+    import re
+    if not text:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    m = re.search(r"err=\s*(\d+)", text)
+    if m and int(m.group(1)) in _errno.errorcode:
+        return _errno.errorcode[int(m.group(1))]
+    for code, name in sorted(_errno.errorcode.items()):
+        msg = os.strerror(code)
+        if msg and not msg.startswith("Unknown error") and msg in text:
+            return name
+    return None
+
+
+class RowFailure(StepError):
+    """One contender failed one figure (e.g. writes on a read-only mount): that figure's cell
+    shows ``label`` for this run; the run and the other contenders go on."""
+
+    def __init__(self, label: str, detail: str = ""):
+        super().__init__(f"{label}: {detail}" if detail else label)
+        self.label = label
+        self.detail = detail

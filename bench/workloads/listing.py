@@ -111,7 +111,8 @@ class ListingWorkload:
         ok = False
         try:
             # (b) cold
-            secs, pid = self.client.mount(self.url, mp, cache, mlog)
+            mnt = self.client.mount(BUCKET, self.ds.name, mp, cache, mlog)
+            secs, pid = mnt.mount_s, mnt.pid
             rec.extra["cold_pid"] = pid
             m["cold_mount_s"] = secs
             log(f"  (b) cold mount: {secs:.2f} s (daemon pid {pid})")
@@ -125,7 +126,8 @@ class ListingWorkload:
             # (c) remount with the same cache dir
             m["umount_s"] = self.client.umount(mp, mlog)
             self._wait_gone(pid)
-            secs, pid = self.client.mount(self.url, mp, cache, mlog)
+            mnt = self.client.mount(BUCKET, self.ds.name, mp, cache, mlog)
+            secs, pid = mnt.mount_s, mnt.pid
             rec.extra["remount_pid"] = pid
             m["remount_mount_s"] = secs
             log(f"  (c) umount {m['umount_s']:.2f} s; remount: {secs:.2f} s (pid {pid})")
