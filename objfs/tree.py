@@ -17,6 +17,7 @@ whatever the length of the S3 key:
   inodes    ino (8 bytes BE) -> record (see ``_RECORD``), relpath last
   dentries  parent ino (8 BE) + name (UTF-8) -> child ino (8 BE) + kind (1)   [name order]
   shadowed  parent ino (8 BE) + name -> file ino (8 BE): a file hidden by a same-named dir
+  attrs     ino (8 BE) -> mode, uid, gid, mtime set on this host (``Attrs``; absent: defaults)
 A listed entry keeps its inode number for as long as it exists (found again through its
 dentry), across refreshes and restarts; numbers are never reused.
 
@@ -118,6 +119,33 @@ class RefreshStats:
     duration_s: float = 0.0
 
 
+_ATTRS = struct.Struct(">IIIq")
+_UNSET32 = 0xFFFFFFFF
+_UNSET_MTIME = -(1 << 63)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attrs:
+    """Attributes set on this host (chmod/chown/utimens/symlink); None means the default."""
+
+    mode: int | None = None   # full st_mode, type bits included (S_IFLNK for symlinks)
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+
+    def encode(self) -> bytes:
+        return _ATTRS.pack(_UNSET32 if self.mode is None else self.mode,
+                           _UNSET32 if self.uid is None else self.uid,
+                           _UNSET32 if self.gid is None else self.gid,
+                           _UNSET_MTIME if self.mtime_ns is None else self.mtime_ns)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Attrs":
+        mode, uid, gid, mtime = _ATTRS.unpack(raw)
+        return cls(None if mode == _UNSET32 else mode, None if uid == _UNSET32 else uid,
+                   None if gid == _UNSET32 else gid, None if mtime == _UNSET_MTIME else mtime)
+
+
 def invalid_reason(relpath: str, segments: list[str] | None = None) -> str | None:
     """Why ``relpath`` (without a trailing '/') cannot be a POSIX path, or None if it can.
 
@@ -182,6 +210,7 @@ class MetadataTree:
         self._inodes = env.open_db(b"inodes")
         self._dentries = env.open_db(b"dentries")
         self._shadowed = env.open_db(b"shadowed")
+        self._attrs = env.open_db(b"attrs")
         return env
 
     def _initialize(self, identity: str) -> None:
@@ -241,6 +270,119 @@ class MetadataTree:
                 if after is not None and name == after:
                     continue
                 yield DirEntry(name, _U64.unpack_from(value)[0], Kind(value[8]))
+
+    def resolve(self, relpath: str) -> Inode:
+        """The inode at ``relpath`` below the mount root ('' is the root)."""
+        inode = self.get(ROOT_INO)
+        for name in (p for p in relpath.strip("/").split("/") if p):
+            inode = self.lookup(inode.ino, name.encode())
+        return inode
+
+    def has_children(self, ino: int) -> bool:
+        base = _U64.pack(ino)
+        with self._env.begin() as txn:
+            for db in (self._dentries, self._shadowed):
+                cursor = txn.cursor(db=db)
+                if cursor.set_range(base) and cursor.key().startswith(base):
+                    return True
+        return False
+
+    def attrs(self, ino: int) -> Attrs | None:
+        with self._env.begin() as txn:
+            raw = txn.get(_U64.pack(ino), db=self._attrs)
+        return Attrs.decode(raw) if raw is not None else None
+
+    def set_attrs(self, ino: int, **changes: int | None) -> Attrs:
+        """Merge ``changes`` (mode=, uid=, gid=, mtime_ns=; None leaves a field) into the
+        attributes recorded for ``ino``."""
+        key = _U64.pack(ino)
+        with self._env.begin(write=True) as txn:
+            if txn.get(key, db=self._inodes) is None:
+                raise NotFound(f"inode {ino}")
+            raw = txn.get(key, db=self._attrs)
+            current = Attrs.decode(raw) if raw is not None else Attrs()
+            merged = dataclasses.replace(
+                current, **{k: v for k, v in changes.items() if v is not None})
+            txn.put(key, merged.encode(), db=self._attrs)
+        return merged
+
+    # ---- local changes: what this host did, before the next listing shows it -----------------
+
+    def upsert(self, relpath: str, *, size: int = 0, etag: str = "", mtime_ns: int,
+               is_dir: bool = False) -> Inode:
+        """Record an object this host created or replaced (or a directory), as the next
+        listing will show it. It is stamped with the newest generation, so a refresh in
+        progress does not sweep it. Raises NotFound if ``relpath`` is not a valid name."""
+        key = self.prefix + relpath.strip("/") + ("/" if is_dir else "")
+        stats = RefreshStats(scope="local")
+        with self._env.begin() as txn:
+            gen = _U64.unpack(txn.get(b"gen", db=self._meta))[0]
+        changed = self._apply_page([ObjectInfo(key, size, etag, mtime_ns)], gen, stats)
+        if stats.skipped_invalid:
+            raise NotFound(f"{relpath!r} is not a valid name")
+        inode = self.resolve(relpath)
+        if changed:
+            self._metrics.inc("tree_local_changes_total")
+        return inode
+
+    def remove(self, ino: int) -> None:
+        """Forget an entry this host deleted (a directory must be empty)."""
+        raw_ino = _U64.pack(ino)
+        with self._env.begin(write=True) as txn:
+            gen = _U64.unpack(txn.get(b"gen", db=self._meta))[0]
+            self._remove(txn, raw_ino, gen)
+            txn.delete(raw_ino, db=self._attrs)
+
+    def rename(self, ino: int, new_parent: int, new_name: bytes) -> list[int]:
+        """Move an entry (and, for a directory, every relpath below it) to ``new_parent`` /
+        ``new_name``, keeping inode numbers. The target name must be free. Returns the inodes
+        whose relpath changed."""
+        raw_ino = _U64.pack(ino)
+        moved: list[int] = []
+        with self._env.begin(write=True) as txn:
+            rec_raw = txn.get(raw_ino, db=self._inodes)
+            if rec_raw is None:
+                raise NotFound(f"inode {ino}")
+            rec = Inode.decode(ino, rec_raw)
+            parent_raw = txn.get(_U64.pack(new_parent), db=self._inodes)
+            if parent_raw is None:
+                raise NotFound(f"inode {new_parent}")
+            parent_rel = Inode.decode(new_parent, parent_raw).relpath
+            old_name = rec.relpath.rstrip("/").rsplit("/", 1)[-1].encode()
+            old_key = _dentry_key(rec.parent, old_name)
+            if txn.get(old_key, db=self._shadowed) == raw_ino:
+                txn.delete(old_key, db=self._shadowed)
+            else:
+                txn.delete(old_key, db=self._dentries)
+            txn.put(_dentry_key(new_parent, new_name), raw_ino + bytes((rec.kind,)),
+                    db=self._dentries)
+            new_rel = parent_rel + new_name.decode() + ("/" if rec.is_dir else "")
+            txn.put(raw_ino, dataclasses.replace(rec, parent=new_parent,
+                                                 relpath=new_rel).encode(), db=self._inodes)
+            moved.append(ino)
+            if rec.is_dir:
+                old_prefix = rec.relpath
+                pending = [ino]
+                while pending:
+                    base = _U64.pack(pending.pop())
+                    children = []
+                    for db in (self._dentries, self._shadowed):
+                        cursor = txn.cursor(db=db)
+                        if cursor.set_range(base):
+                            for key, value in cursor:
+                                if not key.startswith(base):
+                                    break
+                                children.append(value[:8])
+                    for child_raw in children:
+                        child = Inode.decode(_U64.unpack(child_raw)[0],
+                                             txn.get(child_raw, db=self._inodes))
+                        txn.put(child_raw, dataclasses.replace(
+                            child, relpath=new_rel + child.relpath[len(old_prefix):]).encode(),
+                            db=self._inodes)
+                        moved.append(child.ino)
+                        if child.is_dir:
+                            pending.append(child.ino)
+        return moved
 
     def count(self) -> int:
         with self._env.begin() as txn:
