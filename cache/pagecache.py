@@ -33,7 +33,9 @@ Persistence: page files live in ``DIR/data/XX/<page id hex>``; the LMDB index
 a background pass then removes orphan files (written but never indexed, or temp files of a
 crash). An indexed page whose file vanished is found on first read and refetched.
 
-Lock order: ``_lock`` only; it is never held across I/O, the event loop or a future wait.
+Lock order: ``_lock`` only. It is never held across file I/O, the event loop or a future wait;
+the one exception is the LMDB commit of stored pages (``sync=False``: a memory-mapped write of
+a few records), which must be atomic with the INFLIGHT -> READY transition.
 """
 
 from __future__ import annotations
@@ -245,12 +247,17 @@ class PageCache:
                 if fut is not None:
                     waits[index] = fut
             if stream is not None and window > len(span):
+                # Top the window up in batches of at least half a window, so readahead
+                # becomes a few coalesced GETs rather than one GET per page read.
                 last = min(version.page_count(), span.start + window)
-                for index in range(max(span.stop, stream.ahead_until), last):
-                    pid = page_id(version, index)
-                    if pid not in self._inflight and pid not in self._policy:
-                        ahead.append((index, self._inflight.setdefault(pid, Future())))
-                stream.ahead_until = max(stream.ahead_until, last)
+                first = max(span.stop, stream.ahead_until)
+                if last - first >= max(1, window // 2) or (last > first and
+                                                          last == version.page_count()):
+                    for index in range(first, last):
+                        pid = page_id(version, index)
+                        if pid not in self._inflight and pid not in self._policy:
+                            ahead.append((index, self._inflight.setdefault(pid, Future())))
+                    stream.ahead_until = last
         if claimed:
             self._start_fetches(version, claimed)
         if ahead:
@@ -311,8 +318,10 @@ class PageCache:
                 raise CorruptPage("page file belongs to another page")
             first, stop = header.chunk_range(lo, hi)
             start = first * CHUNK_SIZE
-            raw = os.pread(fd, min(stop * CHUNK_SIZE, header.length) - start,
-                           HEADER_SIZE + start)
+            wanted = min(stop * CHUNK_SIZE, header.length) - start
+            raw = os.pread(fd, wanted, HEADER_SIZE + start)
+            if len(raw) != wanted:  # a truncated file: a short pread would verify nothing
+                raise CorruptPage(f"page file holds {len(raw)} of {wanted} bytes at {start}")
             verify_chunks(header, first, raw)
         except CorruptPage as exc:
             self._metrics.inc("cache_corrupt_pages_total")
@@ -380,7 +389,14 @@ class PageCache:
     # ---- storing (writer threads) ----------------------------------------------------------
 
     def _persist(self, version: ObjectVersion, run: range, pages: list[memoryview]) -> None:
-        stored: list[tuple[bytes, int]] = []
+        """Store a fetched run: admit, write, then commit. Runs on a writer thread.
+
+        The commit (index entry, INFLIGHT -> READY) happens under ``_lock`` and only for pages
+        the policy still holds: another writer may have evicted a page of this run (even one
+        admitted moments ago in this same loop) while its file was being written; such a
+        file is deleted here, so files, index and policy agree.
+        """
+        written: list[tuple[bytes, int]] = []
         settled: list[bytes] = []
         try:
             for index, page in zip(run, pages):
@@ -400,24 +416,35 @@ class PageCache:
                 except OSError as exc:
                     self._disk_error("write", exc)
                     with self._lock:
-                        self._policy.remove(pid)
-                        self._free_estimate += size
+                        if self._policy.remove(pid):
+                            self._free_estimate += size
                     settled.append(pid)
                     continue
-                stored.append((pid, size))
-            if stored:
-                with self._lock:
-                    seq = self._seq = self._seq + 1
-                try:
-                    self._index.put((pid, size, seq) for pid, size in stored)
-                except lmdb.Error as exc:
-                    self._disk_error("index", exc)
-                    self._remove_pages([pid for pid, _ in stored])
-                self._metrics.inc("cache_stored_pages_total", len(stored))
+                written.append((pid, size))
         finally:
+            committed = 0
             with self._lock:
-                for pid in settled + [pid for pid, _ in stored]:
+                kept = [(pid, size) for pid, size in written if pid in self._policy]
+                if kept:
+                    self._seq += 1
+                    try:
+                        self._index.put((pid, size, self._seq) for pid, size in kept)
+                        committed = len(kept)
+                    except lmdb.Error as exc:
+                        self._disk_error("index", exc)
+                        for pid, _ in kept:
+                            self._policy.remove(pid)
+                        kept = []
+                for pid in settled:
                     self._inflight.pop(pid, None)
+                for pid, _ in written:
+                    self._inflight.pop(pid, None)
+            kept_ids = {pid for pid, _ in kept}
+            for pid, _ in written:
+                if pid not in kept_ids:  # evicted while being written: its file must go
+                    _unlink_quietly(self._path(pid))
+            if committed:
+                self._metrics.inc("cache_stored_pages_total", committed)
 
     def _admit_locked(self, pid: bytes, size: int) -> tuple[bool, list[bytes]]:
         """Ask the policy to admit a page; returns (admitted, pages to evict first)."""
@@ -438,9 +465,13 @@ class PageCache:
         return admitted is not None, [bytes(v) for v in victims]
 
     def _sample_free(self) -> int:
+        """Free bytes on the cache filesystem; 0 (keep nothing) if that cannot be known."""
         try:
             return self._free_bytes(self._pages_dir)
-        except OSError:
+        except OSError as exc:
+            self._metrics.inc("cache_disk_errors_total")
+            log.warning("page cache: cannot check free space in %s (%s); keeping no pages "
+                        "until it can", self._pages_dir, exc)
             return 0
 
     def _path(self, pid: bytes) -> str:
