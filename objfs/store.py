@@ -569,14 +569,39 @@ class ObjectStore:
         doc = "".join(f"<Part><PartNumber>{number}</PartNumber><ETag>{xml_escape(etag)}</ETag>"
                       f"</Part>" for number, etag in parts)
         body = f"<CompleteMultipartUpload>{doc}</CompleteMultipartUpload>".encode()
-        reply = await self._request("complete_multipart", "POST", key, body=body,
-                                    query={"uploadId": upload_id}, error_in_200=True)
+        try:
+            reply = await self._request("complete_multipart", "POST", key, body=body,
+                                        query={"uploadId": upload_id}, error_in_200=True)
+        except OriginError as exc:
+            if exc.code != "NoSuchUpload":
+                raise
+            # A retry after a completion whose answer was lost finds the upload gone. If the
+            # object is exactly ours (its ETag is the multipart ETag of our parts), it worked.
+            done = await self._completed_as(key, parts)
+            if done is None:
+                raise
+            self._metrics.inc("origin_complete_multipart_recovered_total")
+            return done if size is None else dataclasses.replace(done, size=size)
         root, ns = _xml_root(reply.body, f"complete {key}")
         etag = root.findtext(ns + "ETag") or ""
         if size is None:
             return (await self.head_object(key)).info
         return ObjectInfo(key=key, size=size, etag=etag,
                           mtime_ns=_http_date_ns(reply.headers.get("Date")))
+
+    async def _completed_as(self, key: str,
+                            parts: Sequence[tuple[int, str]]) -> ObjectInfo | None:
+        """The object at ``key`` if it is the completion of exactly ``parts``, else None."""
+        try:
+            digests = b"".join(bytes.fromhex(etag.strip('"')) for _, etag in parts)
+        except ValueError:
+            return None  # part ETags that are not MD5s (e.g. SSE-KMS): cannot tell
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        try:
+            meta = await self.head_object(key)
+        except OriginError:
+            return None
+        return meta.info if meta.info.etag == expected else None
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """AbortMultipartUpload; an upload that is already gone (404) counts as aborted."""

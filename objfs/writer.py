@@ -700,6 +700,9 @@ class SequentialUpload:
                         other.cancel()
                 if self._abort_task is None:
                     self._abort_task = asyncio.ensure_future(self._abort_remote())
+                    # Its failure is logged there and retried by finish(); mark it retrieved.
+                    self._abort_task.add_done_callback(
+                        lambda t: t.cancelled() or t.exception())
         finally:
             self._tasks.discard(task)
             _close_buffer(buf)

@@ -75,7 +75,7 @@ class FaultProxy:
         self.sizes: list[tuple[str, str, int]] = []  # (kind, path+query, request body bytes)
         self.inflight: collections.Counter[str] = collections.Counter()
         self.max_inflight: collections.Counter[str] = collections.Counter()
-        self._faults: dict[str, Fault] = {}
+        self._faults: dict[str, list[Fault]] = {}  # per kind, used in order
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -91,16 +91,22 @@ class FaultProxy:
     def fail_next(self, kind: str, count: int, status: int = 503, code: str = "SlowDown", *,
                   match: Callable[[str], bool] | None = None) -> None:
         with self._lock:
-            self._faults[kind] = Fault(count, status, code, match=match)
+            self._faults[kind] = [Fault(count, status, code, match=match)]
 
     def delay_next(self, kind: str, count: int, seconds: float) -> None:
         """Hold the next ``count`` requests of ``kind`` for ``seconds``, then forward them."""
         with self._lock:
-            self._faults[kind] = Fault(count, delay_s=seconds)
+            self._faults[kind] = [Fault(count, delay_s=seconds)]
+
+    def then(self, kind: str, fault: Fault) -> None:
+        """Queue ``fault`` after the faults already set for ``kind`` (e.g. cut one answer,
+        then fail the retry)."""
+        with self._lock:
+            self._faults.setdefault(kind, []).append(fault)
 
     def cut_next(self, kind: str, count: int, after_bytes: int) -> None:
         with self._lock:
-            self._faults[kind] = Fault(count, cut_after=after_bytes)
+            self._faults[kind] = [Fault(count, cut_after=after_bytes)]
 
     def reset(self) -> None:
         with self._lock:
@@ -113,9 +119,12 @@ class FaultProxy:
 
     def _take_fault(self, kind: str, path_qs: str = "") -> Fault | None:
         with self._lock:
-            fault = self._faults.get(kind)
-            if fault is None or fault.remaining <= 0:
+            queue = self._faults.get(kind, [])
+            while queue and queue[0].remaining <= 0:
+                queue.pop(0)
+            if not queue:
                 return None
+            fault = queue[0]
             if fault.match is not None and not fault.match(path_qs):
                 return None
             fault.remaining -= 1
