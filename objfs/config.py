@@ -143,7 +143,7 @@ class MountConfig:
     mountpoint: Path
     cache_dir: Path
     foreground: bool = False
-    read_only: bool = True
+    read_only: bool = False
     ttl_s: float = 300.0
     attr_timeout_s: float = 1.0
     allow_other: bool = False
@@ -160,6 +160,10 @@ class MountConfig:
     cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
     cache_policy: str = "lru"
     metrics_addr: tuple[str, int] | None = None  # serve Prometheus /metrics here
+    write_buffer_bytes: int = 512 * MiB  # global budget of write buffers (all open files)
+    upload_concurrency: int = 8        # parts of one file in flight
+    part_size_bytes: int = 8 * MiB     # multipart part: whole 4 MiB blocks (US3 takes 4M)
+    rename_dir_limit: int = 10_000     # objects a directory rename may copy (else EXDEV)
     log_level: str = "INFO"
     log_file: Path | None = None
 
@@ -171,6 +175,7 @@ class MountConfig:
                fuse_options: list[str] | None = None, cache_size: str | None = None,
                cache_free_floor: str | None = None, readahead: str | None = None,
                read_request_size: str | None = None, metrics_addr: str | None = None,
+               write_buffer: str | None = None, part_size: str | None = None,
                **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
@@ -200,7 +205,9 @@ class MountConfig:
                                     cache_free_floor),
                                    ("--readahead", "readahead_bytes", readahead),
                                    ("--read-request-size", "read_request_bytes",
-                                    read_request_size)):
+                                    read_request_size),
+                                   ("--write-buffer", "write_buffer_bytes", write_buffer),
+                                   ("--part-size", "part_size_bytes", part_size)):
             if value is not None:
                 kwargs[field] = parse_size(value, flag)
         if metrics_addr is not None:
@@ -227,6 +234,14 @@ class MountConfig:
         if self.cache_policy not in ("lru", "uniform"):
             raise ConfigError(f"--cache-policy: unknown policy {self.cache_policy!r} "
                               "(choose lru or uniform)")
+        if self.part_size_bytes < 4 * MiB or self.part_size_bytes % (4 * MiB):
+            raise ConfigError("--part-size must be a multiple of 4M (whole logical blocks)")
+        if self.write_buffer_bytes < self.part_size_bytes:
+            raise ConfigError("--write-buffer must hold at least one part (--part-size)")
+        if self.upload_concurrency < 1:
+            raise ConfigError("--upload-concurrency must be >= 1")
+        if self.rename_dir_limit < 0:
+            raise ConfigError("--rename-dir-limit must be >= 0")
         if self.cache_size_bytes < 0 or self.cache_free_floor_bytes < 0:
             raise ConfigError("--cache-size and --cache-free-floor must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

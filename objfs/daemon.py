@@ -256,7 +256,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
                             identity=config.store.identity, metrics=metrics)
         cache = open_page_cache(config, store, loop, metrics)
         url = f"s3://{config.store.bucket}/{config.store.prefix}".rstrip("/")
-        fs = Filesystem(config, tree, cache, metrics=metrics, xattrs={
+        fs = Filesystem(config, tree, cache, metrics=metrics, store=store, loop=loop, xattrs={
             "user.objfs.pid": str(os.getpid()),
             "user.objfs.cache_dir": str(config.cache_dir),
             "user.objfs.source": url,

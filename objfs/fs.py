@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import itertools
+import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import cachetools
@@ -21,13 +23,24 @@ import cachetools
 from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
-from objfs.config import MountConfig
-from objfs.errors import InvalidArgument, ObjfsError, ReadOnly
+from objfs.config import MiB, MountConfig
+from objfs.errors import InvalidArgument, NotFound, ObjfsError, ReadOnly
+from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
-from objfs.tree import ROOT_INO, Inode, Kind, MetadataTree
+from objfs.store import ObjectInfo, ObjectStore
+from objfs.tree import ROOT_INO, Inode, Kind, MetadataTree, invalid_reason
+from objfs.writer import (NotSequential, PartSchedule, SequentialUpload, StagedFile,
+                          UploadFailed, WriteBudget)
+
+log = logging.getLogger(__name__)
 
 DIR_SIZE = 4096
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_BLOCK_SIZE = 4 * MiB
+
+
+def _error(message: str, code: int) -> ObjfsError:
+    return ObjfsError(message, errno_value=code)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,10 +61,38 @@ class Attributes:
 
 
 @dataclasses.dataclass
+class WriteState:
+    """One file being written on this host, shared by all its write handles.
+
+    The content is in exactly one place: ``upload`` (sequential writes streaming out as
+    multipart parts), ``staged`` (a local file, for any other write pattern, uploaded at
+    flush), or, when both are None, the object version ``etag``/``size`` at the origin (or
+    nothing at all after a truncate to 0, ``dirty`` then says it must be published).
+    ``lock`` guards every field but ``handles`` (guarded by ``Filesystem._handles_lock``);
+    sequential appends run without it (``SequentialUpload`` orders them itself).
+    """
+
+    ino: int
+    key: str
+    relpath: str
+    etag: str
+    size: int
+    mtime_ns: int
+    metadata: dict[str, str]
+    upload: SequentialUpload | None = None
+    staged: StagedFile | None = None
+    dirty: bool = False
+    unlinked: bool = False
+    handles: int = 0
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+
+
+@dataclasses.dataclass
 class FileHandle:
     inode: Inode
     version: ObjectVersion
     stream: ReadStream
+    write: WriteState | None = None
 
 
 @dataclasses.dataclass
@@ -67,11 +108,27 @@ class Filesystem:
     cache are thread-safe themselves."""
 
     def __init__(self, config: MountConfig, tree: MetadataTree, cache: PageCache, *,
-                 metrics: Metrics, xattrs: dict[str, str] | None = None) -> None:
+                 metrics: Metrics, store: ObjectStore | None = None,
+                 loop: EventLoopThread | None = None,
+                 xattrs: dict[str, str] | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
         self.config = config
         self.tree = tree
         self.cache = cache
         self.metrics = metrics
+        self.store = store
+        self.loop = loop
+        self._clock = clock
+        self._writes: dict[int, WriteState] = {}  # ino -> state; guarded by _handles_lock
+        if not config.read_only:
+            if store is None or loop is None:
+                raise ValueError("a writable filesystem needs the store and the loop")
+            self._budget = WriteBudget(config.write_buffer_bytes, metrics=metrics)
+            self._schedule = PartSchedule(block_size=_BLOCK_SIZE,
+                                          blocks_per_part=config.part_size_bytes // _BLOCK_SIZE,
+                                          min_part_bytes=min(5 * MiB, config.part_size_bytes))
+            self._staging_dir = config.cache_dir / "staging"
+            self._staging_dir.mkdir(parents=True, exist_ok=True)
         self._root_xattrs = {k: v.encode() for k, v in (xattrs or {}).items()}
         self._handles_lock = threading.Lock()
         self._files: dict[int, FileHandle] = {}  # guarded by _handles_lock
@@ -88,12 +145,28 @@ class Filesystem:
     # ---- attributes ------------------------------------------------------------------------
 
     def attributes(self, inode: Inode) -> Attributes:
+        """Defaults from the config, overridden by what was set here (chmod, chown, utimens,
+        symlink) and, for a file being written, by its current size."""
         c = self.config
+        mtime = inode.mtime_ns
         if inode.kind is Kind.DIR:
-            return Attributes(inode.ino, stat.S_IFDIR | c.dir_mode, 2, c.uid, c.gid, DIR_SIZE,
-                              inode.mtime_ns, PAGE_SIZE, c.attr_timeout_s)
-        return Attributes(inode.ino, stat.S_IFREG | c.file_mode, 1, c.uid, c.gid, inode.size,
-                          inode.mtime_ns, PAGE_SIZE, c.attr_timeout_s)
+            mode, uid, gid, size, nlink = stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE, 2
+        else:
+            mode, uid, gid, size, nlink = stat.S_IFREG | c.file_mode, c.uid, c.gid, inode.size, 1
+            state = self._writes.get(inode.ino)
+            if state is not None:
+                size, mtime = state.size, state.mtime_ns
+        set_here = self.tree.attrs(inode.ino)
+        if set_here is not None:
+            if set_here.mode is not None:
+                mode = set_here.mode if stat.S_IFMT(set_here.mode) else \
+                    stat.S_IFMT(mode) | set_here.mode
+            uid = uid if set_here.uid is None else set_here.uid
+            gid = gid if set_here.gid is None else set_here.gid
+            if set_here.mtime_ns is not None and inode.ino not in self._writes:
+                mtime = set_here.mtime_ns
+        return Attributes(inode.ino, mode, nlink, uid, gid, size, mtime, PAGE_SIZE,
+                          c.attr_timeout_s)
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
         return self.attributes(self.tree.lookup(parent, name))
@@ -103,7 +176,7 @@ class Filesystem:
 
     def access(self, ino: int, mode: int) -> None:
         self.tree.get(ino)
-        if mode & os.W_OK:
+        if mode & os.W_OK and self.config.read_only:
             raise ReadOnly("read-only mount")
 
     # ---- directories -----------------------------------------------------------------------
@@ -153,16 +226,25 @@ class Filesystem:
     def open(self, ino: int, flags: int) -> int:
         inode = self.tree.get(ino)
         if inode.is_dir:
-            raise ObjfsError("is a directory", errno_value=errno.EISDIR)
+            raise _error("is a directory", errno.EISDIR)
+        if stat.S_ISLNK(self.attributes(inode).mode):
+            raise _error("a symlink (objfs does not follow it in open)", errno.ELOOP)
+        write = None
         if flags & _WRITE_FLAGS:
-            raise ReadOnly("read-only mount")
+            if self.config.read_only:
+                raise ReadOnly("read-only mount")
+            write = self._write_state(inode)
+            if flags & os.O_TRUNC:
+                self._truncate(write, 0)
         version = self.version_of(inode)
         fh = next(self._next_fh)
         with self._handles_lock:
-            if self._opened.get(ino) == inode.etag:
+            if write is None and self._opened.get(ino) == inode.etag:
                 self.metrics.inc("read_kernel_cache_reopens_total")
             self._opened[ino] = inode.etag
-            self._files[fh] = FileHandle(inode, version, self.cache.new_stream())
+            self._files[fh] = FileHandle(inode, version, self.cache.new_stream(), write)
+            if write is not None:
+                write.handles += 1
         return fh
 
     def _largest_readahead_window(self) -> int:
@@ -170,20 +252,480 @@ class Filesystem:
             handles = list(self._files.values())
         return max((h.stream.window_pages for h in handles), default=0)
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def _handle(self, fh: int) -> FileHandle:
         with self._handles_lock:
             handle = self._files.get(fh)
         if handle is None:
-            raise ObjfsError("bad file handle", errno_value=errno.EBADF)
+            raise _error("bad file handle", errno.EBADF)
+        return handle
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
-        data = self.cache.read(handle.version, offset, size, handle.stream)
+        with self._handles_lock:
+            state = self._writes.get(handle.inode.ino)
+        if state is not None:
+            data = self._read_pending(state, offset, size)
+            if data is not None:
+                self.metrics.inc("fuse_read_bytes", len(data))
+                return data
+            version = ObjectVersion(handle.version.bucket, state.key, state.etag, state.size)
+        else:
+            version = handle.version
+        data = self.cache.read(version, offset, size, handle.stream)
         self.metrics.inc("fuse_read_bytes", len(data))
         return data
 
     def release(self, fh: int) -> None:
         with self._handles_lock:
-            self._files.pop(fh, None)
+            handle = self._files.pop(fh, None)
+            state = handle.write if handle is not None else None
+            last = False
+            if state is not None:
+                state.handles -= 1
+                last = state.handles == 0
+        if state is not None and last:
+            try:
+                self._commit(state)  # normally flush did it; this catches a missed flush
+            except ObjfsError as exc:
+                log.error("upload of %s at release failed: %s", state.key, exc)
+            finally:
+                self._forget_write(state)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def _metadata(self, mode: int, uid: int, gid: int, mtime_ns: int) -> dict[str, str]:
+        """POSIX attributes as object metadata, named as s3fs names them."""
+        return {"mode": str(mode), "uid": str(uid), "gid": str(gid),
+                "mtime": f"{mtime_ns / 1e9:.9f}".rstrip("0").rstrip(".")}
+
+    def _metadata_of(self, inode: Inode, mtime_ns: int | None = None) -> dict[str, str]:
+        a = self.attributes(inode)
+        return self._metadata(a.mode, a.uid, a.gid, a.mtime_ns if mtime_ns is None else mtime_ns)
+
+    def _write_state(self, inode: Inode) -> WriteState:
+        """The shared write state of a file (created on first open for writing)."""
+        with self._handles_lock:
+            state = self._writes.get(inode.ino)
+            if state is None:
+                state = self._writes[inode.ino] = WriteState(
+                    inode.ino, self.config.store.prefix + inode.relpath, inode.relpath,
+                    inode.etag, inode.size, inode.mtime_ns, self._metadata_of(inode))
+                self.tree.pin(inode.ino)
+        return state
+
+    def _forget_write(self, state: WriteState) -> None:
+        with self._handles_lock:
+            if state.handles > 0 or self._writes.get(state.ino) is not state:
+                return
+            del self._writes[state.ino]
+        with state.lock:
+            if state.upload is not None:
+                state.upload.abort()
+                state.upload = None
+            if state.staged is not None:
+                state.staged.close()
+                state.staged = None
+        self.tree.unpin(state.ino)
+
+    def _new_upload(self, state: WriteState) -> SequentialUpload:
+        return SequentialUpload(self.store, self.loop, state.key, budget=self._budget,
+                                schedule=self._schedule,
+                                concurrency=self.config.upload_concurrency,
+                                metrics=self.metrics, metadata=state.metadata)
+
+    def _new_staged(self, state: WriteState) -> StagedFile:
+        return StagedFile(self._staging_dir, state.key, store=self.store, loop=self.loop,
+                          budget=self._budget, schedule=self._schedule,
+                          concurrency=self.config.upload_concurrency, metrics=self.metrics,
+                          metadata=state.metadata)
+
+    def _stage(self, state: WriteState) -> StagedFile:
+        """Make the content local (caller holds ``state.lock``)."""
+        if state.staged is not None:
+            return state.staged
+        staged = self._new_staged(state)
+        try:
+            if state.upload is not None:
+                state.upload.spill(staged)
+                state.upload = None
+            elif state.size and not state.dirty:
+                staged.init_from(ObjectInfo(state.key, state.size, state.etag, state.mtime_ns))
+            elif state.size:
+                staged.truncate(state.size)
+        except BaseException:
+            staged.close()
+            raise
+        state.staged = staged
+        return staged
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        self.metrics.inc("fuse_write_bytes", len(data))
+        handle = self._handle(fh)
+        state = handle.write
+        if state is None:
+            raise _error("file not open for writing", errno.EBADF)
+        upload = state.upload
+        if upload is not None:  # the streaming fast path: no lock, the upload orders writes
+            try:
+                upload.write(offset, data)
+            except NotSequential:
+                self.metrics.inc("write_fallback_to_staged_total")
+            except ObjfsError:
+                if state.upload is upload:
+                    raise
+            else:
+                self._written(state, offset + len(data))
+                return len(data)
+        with state.lock:
+            if state.upload is not None:
+                try:
+                    state.upload.write(offset, data)
+                    self._written(state, offset + len(data))
+                    return len(data)
+                except NotSequential:
+                    pass
+            elif state.staged is None and offset == 0 and state.size == 0:
+                state.upload = self._new_upload(state)
+                state.upload.write(0, data)
+                self._written(state, len(data))
+                return len(data)
+            self._stage(state).pwrite(offset, data)
+            self._written(state, offset + len(data))
+        return len(data)
+
+    def _written(self, state: WriteState, end: int) -> None:
+        # Racy without state.lock on the streaming path: size only grows there, and a lost
+        # update of a larger value is repaired by the next write (writes are in order).
+        state.dirty = True
+        state.mtime_ns = self._clock()
+        if end > state.size:
+            state.size = end
+
+    def _read_pending(self, state: WriteState, offset: int, size: int) -> bytes | None:
+        """Bytes of a file being written, or None to read its origin version."""
+        with state.lock:
+            if state.upload is not None:
+                self._stage(state)  # reading back a stream needs it local
+            if state.staged is not None:
+                return state.staged.pread(offset, size)
+            if state.dirty:  # truncated to 0 and not written since
+                return b""
+        return None
+
+    def _truncate(self, state: WriteState, size: int) -> None:
+        with state.lock:
+            if size == state.size and (state.upload is None or state.upload.written == size):
+                return  # ftruncate to the current size changes nothing
+            if size == 0:
+                if state.upload is not None:
+                    state.upload.abort()
+                    state.upload = None
+                if state.staged is not None:
+                    state.staged.close()
+                    state.staged = None
+            else:
+                self._stage(state).truncate(size)
+            state.size = size
+            state.dirty = True
+            state.mtime_ns = self._clock()
+
+    def flush(self, fh: int) -> None:
+        """close(2): publish the file if this is its last open write handle. The only place
+        an upload failure can reach the application (release's errors are not delivered)."""
+        handle = self._handle(fh)
+        state = handle.write
+        if state is None:
+            return
+        with self._handles_lock:
+            last = state.handles <= 1
+        if last:
+            self._commit(state)
+
+    def fsync(self, fh: int) -> None:
+        """Publish the file now (S3 has no other durability point); writing may go on."""
+        state = self._handle(fh).write
+        if state is not None:
+            self._commit(state)
+
+    def _commit(self, state: WriteState) -> None:
+        """Upload the pending content and make it the object; then record it in the tree.
+        Raises an EIO error (nothing published) if the upload fails."""
+        with state.lock:
+            if not state.dirty:
+                return
+            if state.unlinked:
+                if state.upload is not None:
+                    state.upload.abort()
+                if state.staged is not None:
+                    state.staged.close()
+                state.upload = state.staged = None
+                state.dirty = False
+                return
+            metadata = dict(state.metadata, mtime=self._metadata(0, 0, 0, state.mtime_ns)["mtime"])
+            try:
+                if state.upload is not None:
+                    info = state.upload.finish()
+                elif state.staged is not None:
+                    info = state.staged.upload(metadata)
+                else:
+                    info = self.loop.run(self.store.put_object(state.key, b"", metadata))
+            except ObjfsError as exc:
+                self.metrics.inc("write_commit_errors_total")
+                state.upload = state.staged = None
+                state.dirty = False
+                state.size, state.etag = self._origin_size_etag(state)
+                raise UploadFailed(f"upload of {state.key} failed, nothing was published: "
+                                   f"{exc}") from None
+            state.upload = state.staged = None
+            state.dirty = False
+            state.etag, state.size = info.etag, info.size
+            self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
+                             mtime_ns=state.mtime_ns)
+            self.metrics.inc("write_commits_total")
+
+    def _origin_size_etag(self, state: WriteState) -> tuple[int, str]:
+        """What the origin still holds for a file whose upload failed (per the tree)."""
+        try:
+            inode = self.tree.get(state.ino)
+        except NotFound:
+            return 0, ""
+        return inode.size, inode.etag
+
+    def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None, fh: int | None = None) -> Attributes:
+        """truncate, chmod, chown, utimens. Attributes are kept in the tree and in the
+        object's metadata (a server-side self-copy, or the pending upload's metadata)."""
+        if self.config.read_only:
+            raise ReadOnly("read-only mount")
+        inode = self.tree.get(ino)
+        if size is not None:
+            if inode.is_dir:
+                raise _error("is a directory", errno.EISDIR)
+            with self._handles_lock:
+                pending = self._writes.get(ino)
+            state = pending or self._write_state(inode)
+            try:
+                self._truncate(state, size)
+                if pending is None:  # truncate(2) on a path: publish now
+                    self._commit(state)
+            finally:
+                if pending is None:
+                    self._forget_write(state)
+        if mode is None and uid is None and gid is None and mtime_ns is None:
+            return self.attributes(self.tree.get(ino))
+        if mode is not None:
+            mode = stat.S_IFMT(self.attributes(inode).mode) | (mode & 0o7777)
+        self.tree.set_attrs(ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
+        inode = self.tree.get(ino)
+        metadata = self._metadata_of(inode)
+        with self._handles_lock:
+            state = self._writes.get(ino)
+        if state is not None and state.dirty:
+            # Goes out with the pending upload (recorded here at once; on the object at its
+            # next upload when the multipart upload already started).
+            with state.lock:
+                state.metadata.update(metadata)
+                if mtime_ns is not None:
+                    state.mtime_ns = mtime_ns
+            return self.attributes(inode)
+        key = self.config.store.prefix + inode.relpath
+        if inode.is_dir:
+            if inode.ino != ROOT_INO:
+                info = self.loop.run(self.store.put_object(key, b"", metadata))
+                self.tree.upsert(inode.relpath, mtime_ns=info.mtime_ns, is_dir=True)
+        elif inode.etag:
+            info = self.loop.run(self.store.copy_object(key, key, inode.size, metadata,
+                                                        src_etag=inode.etag))
+            self.tree.upsert(inode.relpath, size=inode.size, etag=info.etag,
+                             mtime_ns=info.mtime_ns)
+            self.metrics.inc("write_metadata_copies_total")
+        return self.attributes(self.tree.get(ino))
+
+    # ---- namespace -------------------------------------------------------------------------
+
+    def _child_relpath(self, parent: int, name: bytes) -> tuple[Inode, str]:
+        if self.config.read_only:
+            raise ReadOnly("read-only mount")
+        parent_inode = self.tree.get(parent)
+        if not parent_inode.is_dir:
+            raise _error("not a directory", errno.ENOTDIR)
+        if len(name) > 255:
+            raise _error("name too long", errno.ENAMETOOLONG)
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            raise _error("names must be UTF-8 (S3 keys are)", errno.EILSEQ) from None
+        relpath = parent_inode.relpath + text
+        if "/" in text or invalid_reason(relpath) is not None:
+            raise InvalidArgument(f"{text!r} cannot be an object key")
+        if len((self.config.store.prefix + relpath + "/").encode()) > 1024:
+            raise _error("the object key would exceed 1024 bytes", errno.ENAMETOOLONG)
+        return parent_inode, relpath
+
+    def _exists(self, parent: int, name: bytes) -> Inode | None:
+        try:
+            return self.tree.lookup(parent, name)
+        except NotFound:
+            return None
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
+               gid: int) -> tuple[int, Attributes]:
+        """A new empty file, published at its first flush (an empty object if nothing is
+        written). Until then it exists only in this host's tree."""
+        _, relpath = self._child_relpath(parent, name)
+        existing = self._exists(parent, name)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise _error("file exists", errno.EEXIST)
+            fh = self.open(existing.ino, flags | os.O_WRONLY)
+            return fh, self.attributes(self.tree.get(existing.ino))
+        now = self._clock()
+        inode = self.tree.upsert(relpath, size=0, etag="", mtime_ns=now)
+        self.tree.pin(inode.ino)
+        self.tree.set_attrs(inode.ino, mode=stat.S_IFREG | (mode & 0o7777), uid=uid, gid=gid)
+        state = self._write_state(inode)
+        with state.lock:
+            state.metadata = self._metadata(stat.S_IFREG | (mode & 0o7777), uid, gid, now)
+            state.dirty = True
+            state.size = 0
+        fh = next(self._next_fh)
+        with self._handles_lock:
+            self._files[fh] = FileHandle(inode, self.version_of(inode), self.cache.new_stream(),
+                                         state)
+            state.handles += 1
+        self.metrics.inc("fuse_files_created_total")
+        return fh, self.attributes(inode)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attributes:
+        """A directory is a marker object ``dir/`` carrying the mode, as s3fs writes it."""
+        _, relpath = self._child_relpath(parent, name)
+        if self._exists(parent, name) is not None:
+            raise _error("file exists", errno.EEXIST)
+        full_mode = stat.S_IFDIR | (mode & 0o7777)
+        now = self._clock()
+        info = self.loop.run(self.store.put_object(
+            self.config.store.prefix + relpath + "/", b"",
+            self._metadata(full_mode, uid, gid, now)))
+        inode = self.tree.upsert(relpath, mtime_ns=info.mtime_ns or now, is_dir=True)
+        self.tree.set_attrs(inode.ino, mode=full_mode, uid=uid, gid=gid)
+        return self.attributes(inode)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._child_relpath(parent, name)
+        inode = self.tree.lookup(parent, name)
+        if not inode.is_dir:
+            raise _error("not a directory", errno.ENOTDIR)
+        if self.tree.has_children(inode.ino):
+            raise _error("directory not empty", errno.ENOTEMPTY)
+        self.loop.run(self.store.delete_object(self.config.store.prefix + inode.relpath))
+        self.tree.remove(inode.ino)
+        self.invalidate_inodes([inode.ino])
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._child_relpath(parent, name)
+        inode = self.tree.lookup(parent, name)
+        if inode.is_dir:
+            raise _error("is a directory", errno.EISDIR)
+        with self._handles_lock:
+            state = self._writes.get(inode.ino)
+        if state is not None:
+            with state.lock:
+                state.unlinked = True  # open handles keep writing into nothing
+        if inode.etag:
+            self.loop.run(self.store.delete_object(self.config.store.prefix + inode.relpath))
+            self.cache.drop(self.version_of(inode))
+        self.tree.unpin(inode.ino)
+        self.tree.remove(inode.ino)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int,
+                gid: int) -> Attributes:
+        """A symlink is a small object holding its target, with mode S_IFLNK in metadata."""
+        _, relpath = self._child_relpath(parent, name)
+        if self._exists(parent, name) is not None:
+            raise _error("file exists", errno.EEXIST)
+        mode = stat.S_IFLNK | 0o777
+        now = self._clock()
+        info = self.loop.run(self.store.put_object(self.config.store.prefix + relpath, target,
+                                                   self._metadata(mode, uid, gid, now)))
+        inode = self.tree.upsert(relpath, size=info.size, etag=info.etag, mtime_ns=now)
+        self.tree.set_attrs(inode.ino, mode=mode, uid=uid, gid=gid)
+        return self.attributes(inode)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.tree.get(ino)
+        if not stat.S_ISLNK(self.attributes(inode).mode):
+            raise InvalidArgument("not a symlink")
+        return self.cache.read(self.version_of(inode), 0, inode.size)
+
+    def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes) -> None:
+        """Files: server-side copy, then delete (multipart copy past 5 GiB). Directories:
+        every object below is copied then deleted, up to ``--rename-dir-limit`` objects;
+        beyond it EXDEV, so ``mv`` falls back to copying through the mount."""
+        self._child_relpath(parent_old, name_old)
+        _, new_rel = self._child_relpath(parent_new, name_new)
+        src = self.tree.lookup(parent_old, name_old)
+        if parent_old == parent_new and name_old == name_new:
+            return
+        target = self._exists(parent_new, name_new)
+        prefix = self.config.store.prefix
+        if src.is_dir:
+            if target is not None:
+                if not target.is_dir:
+                    raise _error("not a directory", errno.ENOTDIR)
+                if self.tree.has_children(target.ino):
+                    raise _error("directory not empty", errno.ENOTEMPTY)
+            new_dir = new_rel + "/"
+            if new_dir.startswith(src.relpath):
+                raise InvalidArgument("cannot move a directory into itself")
+            self._commit_under(src.relpath)
+            keys = [obj for page in self.store.list_pages(prefix + src.relpath) for obj in page]
+            if len(keys) > self.config.rename_dir_limit:
+                raise _error(f"renaming {src.relpath} would copy {len(keys)} objects, over "
+                             f"--rename-dir-limit {self.config.rename_dir_limit}", errno.EXDEV)
+            if target is not None:
+                self.loop.run(self.store.delete_object(prefix + target.relpath))
+                self.tree.remove(target.ino)
+            for obj in keys:
+                self.loop.run(self.store.copy_object(
+                    obj.key, prefix + new_dir + obj.key[len(prefix + src.relpath):], obj.size,
+                    src_etag=obj.etag or None))
+            self.loop.run(self.store.delete_objects([obj.key for obj in keys]))
+            self.tree.rename(src.ino, parent_new, name_new)
+            self.metrics.inc("write_dir_renames_total")
+            return
+        if target is not None and target.is_dir:
+            raise _error("is a directory", errno.EISDIR)
+        with self._handles_lock:
+            state = self._writes.get(src.ino)
+        if state is not None:
+            self._commit(state)
+            src = self.tree.get(src.ino)
+        if src.etag:
+            info = self.loop.run(self.store.copy_object(prefix + src.relpath, prefix + new_rel,
+                                                        src.size, src_etag=src.etag))
+            self.loop.run(self.store.delete_object(prefix + src.relpath))
+        else:
+            info = None
+        if target is not None:
+            self.tree.unpin(target.ino)
+            self.tree.remove(target.ino)
+            self.invalidate_inodes([target.ino])
+        self.tree.rename(src.ino, parent_new, name_new)
+        if info is not None:
+            self.tree.upsert(new_rel, size=src.size, etag=info.etag, mtime_ns=src.mtime_ns)
+        if state is not None:
+            with state.lock:
+                state.key, state.relpath = prefix + new_rel, new_rel
+        self.metrics.inc("write_file_renames_total")
+
+    def _commit_under(self, dir_relpath: str) -> None:
+        with self._handles_lock:
+            states = [s for s in self._writes.values() if s.relpath.startswith(dir_relpath)]
+        for state in states:
+            self._commit(state)
 
     # ---- extended attributes ---------------------------------------------------------------
 
@@ -217,10 +759,7 @@ class Filesystem:
 
     def resolve(self, relpath: str) -> Inode:
         """The inode at ``relpath`` (relative to the mount root; '' is the root)."""
-        inode = self.tree.get(ROOT_INO)
-        for name in (p for p in relpath.strip("/").split("/") if p):
-            inode = self.tree.lookup(inode.ino, name.encode())
-        return inode
+        return self.tree.resolve(relpath)
 
     def version_of(self, inode: Inode) -> ObjectVersion:
         return ObjectVersion(self.config.store.bucket, self.config.store.prefix + inode.relpath,

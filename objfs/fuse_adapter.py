@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 import time
 from collections.abc import Iterator
@@ -143,11 +144,8 @@ class FuseOperations(llfuse.Operations):
             return self.fs.read(fh, off, size)
 
     def release(self, fh: int) -> None:
-        with _errors("release", self.fs.metrics):
-            self.fs.release(fh)
-
-    def flush(self, fh: int) -> None:
-        return None
+        with _errors("release", self.fs.metrics), llfuse.lock_released:
+            self.fs.release(fh)  # may finish an upload whose flush never came
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Inode numbers are stable and never reused, so there is no lookup count to keep.
@@ -173,13 +171,99 @@ class FuseOperations(llfuse.Operations):
                 setattr(data, name, value)
             return data
 
-    # ---- mutations: read-only for now ------------------------------------------------------
+    # ---- writing and the namespace ---------------------------------------------------------
 
-    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise llfuse.FUSEError(ReadOnly.errno)
+    def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+               ctx: Any = None) -> tuple[int, llfuse.EntryAttributes]:
+        with _errors("create", self.fs.metrics), llfuse.lock_released:
+            uid, gid = _owner(ctx, self.fs)
+            fh, attrs = self.fs.create(parent_inode, name, mode, flags, uid, gid)
+            return fh, _entry(attrs)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    write = create = setxattr = removexattr = _read_only
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _errors("write", self.fs.metrics), llfuse.lock_released:
+            return self.fs.write(fh, off, buf)
+
+    def flush(self, fh: int) -> None:
+        with _errors("flush", self.fs.metrics), llfuse.lock_released:
+            self.fs.flush(fh)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        with _errors("fsync", self.fs.metrics), llfuse.lock_released:
+            self.fs.fsync(fh)
+
+    def setattr(self, inode: int, attr: llfuse.EntryAttributes, fields: Any, fh: int | None,
+                ctx: Any = None) -> llfuse.EntryAttributes:
+        with _errors("setattr", self.fs.metrics), llfuse.lock_released:
+            return _entry(self.fs.setattr(
+                inode,
+                size=attr.st_size if fields.update_size else None,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                fh=fh))
+
+    def mkdir(self, parent_inode: int, name: bytes, mode: int,
+              ctx: Any = None) -> llfuse.EntryAttributes:
+        with _errors("mkdir", self.fs.metrics), llfuse.lock_released:
+            uid, gid = _owner(ctx, self.fs)
+            return _entry(self.fs.mkdir(parent_inode, name, mode, uid, gid))
+
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        with _errors("rmdir", self.fs.metrics), llfuse.lock_released:
+            self.fs.rmdir(parent_inode, name)
+
+    def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        with _errors("unlink", self.fs.metrics), llfuse.lock_released:
+            self.fs.unlink(parent_inode, name)
+
+    def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+               name_new: bytes, ctx: Any = None) -> None:
+        with _errors("rename", self.fs.metrics), llfuse.lock_released:
+            self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new)
+
+    def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                ctx: Any = None) -> llfuse.EntryAttributes:
+        with _errors("symlink", self.fs.metrics), llfuse.lock_released:
+            uid, gid = _owner(ctx, self.fs)
+            return _entry(self.fs.symlink(parent_inode, name, target, uid, gid))
+
+    def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        with _errors("readlink", self.fs.metrics), llfuse.lock_released:
+            return self.fs.readlink(inode)
+
+    def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+             ctx: Any = None) -> llfuse.EntryAttributes:
+        # Hard links have no object-store equivalent.
+        raise llfuse.FUSEError(ReadOnly.errno if self.fs.config.read_only else errno.EPERM)
+
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+              ctx: Any = None) -> llfuse.EntryAttributes:
+        if self.fs.config.read_only:
+            raise llfuse.FUSEError(ReadOnly.errno)
+        if not stat.S_ISREG(mode):  # devices, fifos, sockets: nothing to store them as
+            raise llfuse.FUSEError(errno.EPERM)
+        with _errors("mknod", self.fs.metrics), llfuse.lock_released:
+            uid, gid = _owner(ctx, self.fs)
+            fh, attrs = self.fs.create(parent_inode, name, mode, os.O_WRONLY | os.O_EXCL,
+                                       uid, gid)
+            self.fs.flush(fh)
+            self.fs.release(fh)
+            return _entry(self.fs.getattr(attrs.ino))
+
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        raise llfuse.FUSEError(ReadOnly.errno if self.fs.config.read_only else errno.ENOTSUP)
+
+    def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        raise llfuse.FUSEError(ReadOnly.errno if self.fs.config.read_only else errno.ENOTSUP)
+
+
+def _owner(ctx: Any, fs: Filesystem) -> tuple[int, int]:
+    """Owner of a new entry: the caller's (as a local filesystem does)."""
+    if ctx is None:
+        return fs.config.uid, fs.config.gid
+    return ctx.uid, ctx.gid
 
 
 def mount_options(*, fsname: str, allow_other: bool, read_only: bool, extra: tuple[str, ...]) -> set[str]:

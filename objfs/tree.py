@@ -182,6 +182,10 @@ class MetadataTree:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._refresh_lock = threading.Lock()  # one writer of refresh state at a time
+        # Files this host is writing: a refresh neither sweeps them nor overwrites them with
+        # the (older) listed version until they are unpinned after their upload.
+        self._pinned: set[bytes] = set()  # guarded by _pinned_lock
+        self._pinned_lock = threading.Lock()
         self._logged_invalid: LRUCache[str, bool] = LRUCache(maxsize=10_000)  # refresh thread
         path.mkdir(parents=True, exist_ok=True)
         self._path = path
@@ -317,13 +321,26 @@ class MetadataTree:
         stats = RefreshStats(scope="local")
         with self._env.begin() as txn:
             gen = _U64.unpack(txn.get(b"gen", db=self._meta))[0]
-        changed = self._apply_page([ObjectInfo(key, size, etag, mtime_ns)], gen, stats)
+        changed = self._apply_page([ObjectInfo(key, size, etag, mtime_ns)], gen, stats,
+                                   respect_pins=False)
         if stats.skipped_invalid:
             raise NotFound(f"{relpath!r} is not a valid name")
         inode = self.resolve(relpath)
         if changed:
             self._metrics.inc("tree_local_changes_total")
         return inode
+
+    def pin(self, ino: int) -> None:
+        with self._pinned_lock:
+            self._pinned.add(_U64.pack(ino))
+
+    def unpin(self, ino: int) -> None:
+        with self._pinned_lock:
+            self._pinned.discard(_U64.pack(ino))
+
+    def _is_pinned(self, raw_ino: bytes) -> bool:
+        with self._pinned_lock:
+            return raw_ino in self._pinned
 
     def remove(self, ino: int) -> None:
         """Forget an entry this host deleted (a directory must be empty)."""
@@ -428,7 +445,8 @@ class MetadataTree:
             txn.put(b"gen", _U64.pack(gen), db=self._meta)
         return gen
 
-    def _apply_page(self, page: list[ObjectInfo], gen: int, stats: RefreshStats) -> list[int]:
+    def _apply_page(self, page: list[ObjectInfo], gen: int, stats: RefreshStats,
+                    respect_pins: bool = True) -> list[int]:
         changed: list[int] = []
         # Directories already stamped with this generation in this page: ordered listings touch
         # the same few ancestors over and over, so this saves most LMDB writes.
@@ -466,7 +484,7 @@ class MetadataTree:
                     parent = ino
                 if not is_marker:
                     next_ino = self._stamp_file(txn, parent, segments[-1], rel, obj, gen,
-                                                next_ino, stats, changed)
+                                                next_ino, stats, changed, respect_pins)
             txn.put(b"next_ino", _U64.pack(next_ino), db=self._meta)
         return changed
 
@@ -501,7 +519,7 @@ class MetadataTree:
 
     def _stamp_file(self, txn: lmdb.Transaction, parent: int, name: str, rel: str,
                     obj: ObjectInfo, gen: int, next_ino: int, stats: RefreshStats,
-                    changed: list[int]) -> int:
+                    changed: list[int], respect_pins: bool = True) -> int:
         dkey = _dentry_key(parent, name.encode())
         current = txn.get(dkey, db=self._dentries)
         shadowed = current is not None and current[8] == _DIR
@@ -511,6 +529,11 @@ class MetadataTree:
         if raw_ino is not None:
             old = txn.get(raw_ino, db=self._inodes)
             _, _, _, size, mtime, old_gen, etag_len = _RECORD.unpack_from(old)
+            if respect_pins and self._pinned and self._is_pinned(raw_ino):
+                # Being written here: keep our record, only mark it seen by this listing.
+                txn.put(raw_ino, old[:_GEN_OFFSET] + _U64.pack(gen) + old[_GEN_OFFSET + 8:],
+                        db=self._inodes)
+                return next_ino
             if old[_RECORD.size:_RECORD.size + etag_len] == etag and size == obj.size:
                 if mtime == obj.mtime_ns and old_gen == gen:
                     return next_ino
@@ -563,7 +586,8 @@ class MetadataTree:
         """Delete entries under ``scope`` older than ``gen``; return their inode numbers."""
         with self._env.begin() as txn:
             stale = [raw_ino for raw_ino in self._scope_inos(txn, scope)
-                     if _GEN.unpack_from(txn.get(raw_ino, db=self._inodes), _GEN_OFFSET)[0] < gen]
+                     if _GEN.unpack_from(txn.get(raw_ino, db=self._inodes), _GEN_OFFSET)[0] < gen
+                     and not self._is_pinned(raw_ino)]
         if stale:
             with self._env.begin(write=True) as txn:
                 for raw_ino in stale:

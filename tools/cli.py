@@ -58,6 +58,18 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=("lru", "uniform"), default="lru",
                    help="eviction policy: lru, or uniform for shuffled multi-epoch training "
                    "over a dataset larger than the cache (default lru)")
+    p.add_argument("--read-only", action="store_true",
+                   help="refuse every modification with EROFS (mount ro)")
+    p.add_argument("--write-buffer", metavar="SIZE",
+                   help="memory for write buffers across all open files (default 512M)")
+    p.add_argument("--upload-concurrency", type=int, default=8, metavar="N",
+                   help="multipart parts of one file uploaded at once (default 8)")
+    p.add_argument("--part-size", metavar="SIZE",
+                   help="multipart part size, whole 4M blocks (default 8M; 4M for stores "
+                   "that take 4 MiB parts, like US3)")
+    p.add_argument("--rename-dir-limit", type=int, default=10_000, metavar="N",
+                   help="most objects a directory rename copies; beyond it EXDEV (mv then "
+                   "copies through the mount) (default 10000)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -158,7 +170,10 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
         readahead=args.readahead, cache_size=args.cache_size,
         cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
-        metrics_addr=args.metrics_addr, log_level=args.log_level,
+        metrics_addr=args.metrics_addr, read_only=args.read_only,
+        write_buffer=args.write_buffer, upload_concurrency=args.upload_concurrency,
+        part_size=args.part_size, rename_dir_limit=args.rename_dir_limit,
+        log_level=args.log_level,
         log_file=args.log_file)
 
 
