@@ -219,7 +219,7 @@ def test_handle_of_a_replaced_object_gets_estale_not_mixed_bytes(s3, bucket, mou
 
 def test_read_only_mount_refuses_writes(s3, bucket, mounter):
     s3.put_object(Bucket=bucket, Key="a.txt", Body=b"a")
-    mount = mounter(f"s3://{bucket}")
+    mount = mounter(f"s3://{bucket}", "--read-only")
     for action in (lambda: open(mount.path / "a.txt", "wb"),
                    lambda: open(mount.path / "new.txt", "w"),
                    lambda: os.mkdir(mount.path / "d"),
