@@ -12,7 +12,9 @@ from pathlib import Path
 
 from bench.common import (DEFAULT_DATA_DIR, DEFAULT_RESULTS_DIR, HostLoad, StepError,
                           now_stamp)
+from bench import deps
 from bench.machine import machine_info
+from bench.netem import EmulatedNetwork
 from bench.origin import Origin, seaweed_version
 from bench.report import RunRecord, WorkloadResult, markdown, write_results
 from bench.workloads import WORKLOADS
@@ -26,6 +28,12 @@ class Context:
     work_dir: Path
     data_dir: Path
     sizes: Sizes
+    mode: str = "loopback"             # the network mode being run
+    netem: EmulatedNetwork | None = None  # set while the emulated network is on
+
+    @property
+    def contenders(self) -> list[str]:
+        return self.args.contenders
 
     @staticmethod
     def log(msg: str) -> None:
@@ -51,6 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None,
                    help="timeout in seconds for each mount / find / umount / measured step "
                         "(default 900; 300 with --smoke)")
+    p.add_argument("--contenders", default="objfs,s3fs,rclone",
+                   help="FUSE clients to compare, comma-separated (default objfs,s3fs,rclone)")
+    p.add_argument("--net", choices=("loopback", "emulated", "both"), default="both",
+                   help="network modes: loopback as is, the emulated object-store network "
+                        "(bench/netem.py; root), or both (default)")
+    p.add_argument("--emulated-runs", type=int, default=None,
+                   help="runs per workload in the emulated mode (default: --runs)")
+    p.add_argument("--rate-mbit", type=float, default=400,
+                   help="emulated per-connection bandwidth, each way (default 400 = 50 MB/s)")
+    p.add_argument("--delay-ms", type=float, default=20,
+                   help="emulated delay added to each request and SYN (default 20)")
+    p.add_argument("--no-setup", action="store_true",
+                   help="do not install missing tools (apt/pip) before running")
     p.add_argument("--origin-host", default="127.0.0.2",
                    help="loopback address the origin listens on (default 127.0.0.2)")
     p.add_argument("--mount-arg", action="append", default=[], metavar="ARG",
@@ -65,8 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.objects = sizes.listing_objects
     if a.timeout is None:
         a.timeout = sizes.step_timeout
-    if a.runs < 1 or a.objects < 1:
-        p.error("--runs and --objects must be >= 1")
+    if a.emulated_runs is None:
+        a.emulated_runs = a.runs
+    if a.runs < 1 or a.objects < 1 or a.emulated_runs < 1:
+        p.error("--runs, --emulated-runs and --objects must be >= 1")
+    from bench.mounts import CONTENDERS
+    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    bad = [c for c in a.contenders if c not in CONTENDERS]
+    if bad:
+        p.error(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
     a.sizes = replace(sizes, listing_objects=a.objects, step_timeout=a.timeout)
     return a
 
@@ -81,68 +109,43 @@ def main(argv=None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stamp = now_stamp()
     names = args.only or list(WORKLOADS)
+    modes = ["loopback", "emulated"] if args.net == "both" else [args.net]
     data_dir = args.data_dir.resolve()
     work_dir = data_dir / "runs"
     work_dir.mkdir(parents=True, exist_ok=True)
     origin = Origin(data_dir, log=Context.log, host=args.origin_host)
     ctx = Context(args, origin, work_dir, data_dir, args.sizes)
     results: list[WorkloadResult] = []
-    header: dict = {"schema": 1, "started_at": started,
+    header: dict = {"schema": 2, "started_at": started,
                     "command": ["python", "-m", "bench", *sys.argv[1:]],
-                    "settings": {"runs": args.runs, "objects": args.objects,
-                                 "smoke": args.smoke, "sizes": args.sizes.to_json(),
-                                 "workloads": names, "data_dir": str(data_dir),
-                                 "timeout_s": args.timeout, "mount_args": args.mount_arg,
+                    "settings": {"runs": args.runs, "emulated_runs": args.emulated_runs,
+                                 "objects": args.objects, "smoke": args.smoke,
+                                 "sizes": args.sizes.to_json(), "workloads": names,
+                                 "contenders": ctx.contenders, "net": modes,
+                                 "data_dir": str(data_dir), "timeout_s": args.timeout,
+                                 "mount_args": args.mount_arg,
                                  "figure": "median of the runs that measured it, with min/max"}}
     error = None
     try:
+        if not args.no_setup:
+            header["deps"] = deps.ensure(ctx.contenders, "emulated" in modes, log=ctx.log)
         header["machine"] = machine_info(seaweed_version())
+        header["machine"]["peers"] = deps.peer_versions()
         origin.start()
         header["origin"] = {"server": "SeaweedFS weed mini", "impl": origin.server_impl,
                             "endpoint": origin.endpoint, "data_dir": str(origin.server_dir),
                             "pid": origin.server.pid}
-        for name in names:
-            w = WORKLOADS[name](ctx)
-            res = WorkloadResult(name, w.description, w.metrics)
-            results.append(res)
-            ctx.log(f"== workload {name}: setup")
-            try:
-                res.setup = w.setup()
-            except Exception as e:  # noqa: BLE001 - reported, never dropped
-                res.status, res.error = "setup-failed", f"{e}\n{traceback.format_exc()}"
-                ctx.log(f"{name}: setup failed: {e}")
-                continue
-            res.settings = w.settings()
-            try:
-                for i in range(1, args.runs + 1):
-                    ctx.log(f"== {name}: run {i}/{args.runs}")
-                    rec = RunRecord(run=i, started_at=time.strftime("%H:%M:%S"))
-                    res.runs.append(rec)
-                    t0 = time.perf_counter()
-                    host = HostLoad()
-                    try:
-                        w.run_once(rec)
-                    except StepError as e:
-                        rec.status, rec.error = e.status, str(e)
-                    except KeyboardInterrupt:
-                        rec.status, rec.error = "interrupted", "interrupted"
-                        raise
-                    except Exception as e:  # noqa: BLE001
-                        rec.status = "failed"
-                        rec.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-                    finally:
-                        rec.wall_s = time.perf_counter() - t0
-                        rec.extra["host"] = host.finish()
-                    if rec.status != "ok":
-                        ctx.log(f"{name} run {i}: {rec.status}: {rec.error}")
-            finally:
-                w.teardown()
+        for mode in modes:
+            _run_mode(ctx, mode, names, results, header)
     except KeyboardInterrupt as e:
         error = f"interrupted ({e})"
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         ctx.log(f"harness error: {error}")
     finally:
+        if ctx.netem is not None:
+            ctx.netem.stop()
+            ctx.netem = None
         try:
             origin.stop()
         except Exception as e:  # noqa: BLE001
@@ -157,6 +160,87 @@ def main(argv=None) -> int:
     ok = error is None and all(r.status == "ok" and all(x.status == "ok" for x in r.runs)
                                for r in results)
     return 0 if ok else 1
+
+
+def _run_mode(ctx: Context, mode: str, names: list[str], results: list[WorkloadResult],
+              header: dict) -> None:
+    """Every selected workload that runs in ``mode``: setups first (datasets are populated at
+    full speed, before the emulated network is on), then the runs."""
+    args = ctx.args
+    ctx.mode = mode
+    runs = args.runs if mode == "loopback" else args.emulated_runs
+    todo = []
+    for name in names:
+        cls = WORKLOADS[name]
+        if mode not in cls.modes:
+            continue
+        w = cls(ctx)
+        res = WorkloadResult(name, w.description, w.metrics, mode=mode)
+        if hasattr(w, "matrix"):
+            res.matrix = w.matrix()
+        results.append(res)
+        ctx.log(f"== [{mode}] workload {name}: setup")
+        try:
+            res.setup = w.setup()
+        except Exception as e:  # noqa: BLE001 - reported, never dropped
+            res.status, res.error = "setup-failed", f"{e}\n{traceback.format_exc()}"
+            ctx.log(f"{name}: setup failed: {e}")
+            continue
+        todo.append((w, res))
+    if not todo:
+        return
+    if mode == "emulated":
+        net = EmulatedNetwork(ctx.origin.host, ctx.origin.port, rate_mbit=args.rate_mbit,
+                              delay_ms=args.delay_ms, log=ctx.log)
+        header.setdefault("netem", net.describe())
+        try:
+            net.start()
+        except Exception as e:  # noqa: BLE001
+            for _, res in todo:
+                res.status, res.error = "setup-failed", f"emulated network: {e}"
+            ctx.log(f"emulated network unavailable: {e}")
+            return
+        ctx.netem = net
+    try:
+        for w, res in todo:
+            res.settings = w.settings()
+            try:
+                for i in range(1, runs + 1):
+                    ctx.log(f"== [{mode}] {res.name}: run {i}/{runs}")
+                    rec = RunRecord(run=i, started_at=time.strftime("%H:%M:%S"))
+                    res.runs.append(rec)
+                    _one_run(ctx, w, rec)
+            finally:
+                w.teardown()
+    finally:
+        if ctx.netem is not None:
+            header["netem"]["delay_cpu_s_total"] = round(ctx.netem.delay_cpu_s(), 3)
+            if not ctx.netem.alive():
+                header["netem"]["delay_process_died"] = True
+            ctx.netem.stop()
+            ctx.netem = None
+
+
+def _one_run(ctx: Context, w, rec: RunRecord) -> None:
+    t0 = time.perf_counter()
+    host = HostLoad()
+    try:
+        w.run_once(rec)
+    except StepError as e:
+        rec.status, rec.error = e.status, str(e)
+    except KeyboardInterrupt:
+        rec.status, rec.error = "interrupted", "interrupted"
+        raise
+    except Exception as e:  # noqa: BLE001
+        rec.status = "failed"
+        rec.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    finally:
+        rec.wall_s = time.perf_counter() - t0
+        rec.extra["host"] = host.finish()
+        if ctx.netem is not None and not ctx.netem.alive():
+            rec.extra["netem_delay_process_died"] = True
+    if rec.status != "ok":
+        ctx.log(f"{w.name} run {rec.run}: {rec.status}: {rec.error}")
 
 
 def _markdown_doc(header: dict, results: list[WorkloadResult]) -> str:

@@ -221,3 +221,19 @@ class RowFailure(StepError):
         super().__init__(f"{label}: {detail}" if detail else label)
         self.label = label
         self.detail = detail
+
+
+def evict_file(path) -> None:
+    """Drop one local file's clean pages from the kernel page cache (not the whole machine's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user+sys) a live process has used so far."""
+    st = proc_status(pid)
+    return st["cpu_ticks"] / st["clk_tck"]

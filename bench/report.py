@@ -37,22 +37,38 @@ class WorkloadResult:
     runs: list[RunRecord] = field(default_factory=list)
     status: str = "ok"  # ok | skipped | setup-failed
     error: str | None = None
+    mode: str = "loopback"  # network mode the workload ran in
+    # Contender workloads: {"figures": [Metric], "columns": [names], "base": "objfs",
+    # "peers": [names]}; metrics keys are "<column>.<figure>" and "<base>/<peer>.<figure>".
+    matrix: dict | None = None
 
     def figures(self) -> dict[str, dict]:
         out = {}
         for m in self.metrics:
             vals = [r.metrics[m.key] for r in self.runs if m.key in r.metrics]
+            fails: dict[str, int] = {}
+            for r in self.runs:
+                label = r.extra.get("row_failures", {}).get(m.key)
+                if label and m.key not in r.metrics:
+                    fails[label] = fails.get(label, 0) + 1
+                elif r.status != "ok" and m.key not in r.metrics:
+                    fails[r.status] = fails.get(r.status, 0) + 1
             if not vals:
-                out[m.key] = {"n": 0, "of": len(self.runs)}
+                out[m.key] = {"n": 0, "of": len(self.runs), "failures": fails}
                 continue
             out[m.key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                          "n": len(vals), "of": len(self.runs), "unit": m.unit}
+                          "n": len(vals), "of": len(self.runs), "unit": m.unit,
+                          "failures": fails}
         return out
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["figures"] = self.figures()
         return d
+
+    @property
+    def title(self) -> str:
+        return self.name if self.mode == "loopback" else f"{self.name} @ {self.mode} network"
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -61,8 +77,46 @@ def _fmt(v: float, digits: int) -> str:
     return f"{v:,.{digits}f}"
 
 
+def cell(f: dict, digits: int, suffix: str = "") -> str:
+    """``median (min–max)`` of one figure, its count when not every run measured it, and any
+    failures (``failed: EROFS``, ``timeout``...) with how many runs they hit."""
+    fails = f.get("failures") or {}
+    of = f.get("of", 0)
+    fail_txt = ", ".join(lab if k == of else f"{lab} ({k}/{of})" for lab, k in fails.items())
+    if f.get("n", 0) == 0:
+        return fail_txt or "—"
+    med = _fmt(f["median"], digits) + suffix
+    txt = med if f["n"] == 1 else (f"{med} ({_fmt(f['min'], digits)}–"
+                                   f"{_fmt(f['max'], digits)})")
+    if f["n"] < of:
+        txt += f" [{f['n']}/{of}]"
+    if fail_txt:
+        txt += f"; {fail_txt}"
+    return txt
+
+
+def matrix_table(res: WorkloadResult) -> list[str]:
+    """Figures as rows, contenders as columns, then objfs/peer ratio columns (median of the
+    per-run ratios: both sides measured in the same run)."""
+    mx = res.matrix
+    figs = res.figures()
+    cols, base, peers = mx["columns"], mx["base"], mx["peers"]
+    head = ["figure", *cols, *(f"{base}/{p}" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    for m in mx["figures"]:
+        row = [f"{m.label} ({m.unit})"]
+        for c in cols:
+            row.append(cell(figs.get(f"{c}.{m.key}", {}), m.digits))
+        for p in peers:
+            f = figs.get(f"{base}/{p}.{m.key}", {})
+            row.append(cell({**f, "failures": {}}, 2, "×") if f.get("n") else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def markdown(res: WorkloadResult) -> str:
-    lines = [f"### {res.name}", "", res.description, ""]
+    lines = [f"### {res.title}", "", res.description, ""]
     if res.status != "ok":
         lines += [f"**{res.status}**: {res.error}", ""]
     if res.setup:
@@ -76,16 +130,24 @@ def markdown(res: WorkloadResult) -> str:
                      ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
         lines.append("")
         figs = res.figures()
-        lines.append("| figure | median | min | max | unit | runs measured |")
-        lines.append("|---|---:|---:|---:|---|---:|")
-        for m in res.metrics:
-            f = figs[m.key]
-            if f["n"] == 0:
-                lines.append(f"| {m.label} | — | — | — | {m.unit} | 0/{f['of']} |")
-            else:
-                lines.append(f"| {m.label} | {_fmt(f['median'], m.digits)} | "
-                             f"{_fmt(f['min'], m.digits)} | {_fmt(f['max'], m.digits)} | "
-                             f"{m.unit} | {f['n']}/{f['of']} |")
+        if res.matrix:
+            lines += matrix_table(res)
+            lines += ["", "Each cell: median (min–max) of the runs; [n/N] when only n of N runs "
+                      "measured it; failures by name. Ratio columns: objfs value / peer value "
+                      "per run, then the median (for MB/s and files/s above 1 means objfs is "
+                      "faster; for seconds and MiB below 1 means objfs is faster/smaller)."]
+        else:
+            lines.append("| figure | median | min | max | unit | runs measured |")
+            lines.append("|---|---:|---:|---:|---|---:|")
+            for m in res.metrics:
+                f = figs[m.key]
+                if f["n"] == 0:
+                    lines.append(f"| {m.label} | {cell(f, m.digits)} | — | — | {m.unit} | "
+                                 f"0/{f['of']} |")
+                else:
+                    lines.append(f"| {m.label} | {_fmt(f['median'], m.digits)} | "
+                                 f"{_fmt(f['min'], m.digits)} | {_fmt(f['max'], m.digits)} | "
+                                 f"{m.unit} | {f['n']}/{f['of']} |")
         loads = [(r.run, r.extra.get("host")) for r in res.runs if r.extra.get("host")]
         if loads:
             lines += ["", "whole-machine CPU busy during each run (all processes; the origin, "

@@ -53,6 +53,7 @@ class Workload:
     name = "?"
     description = ""
     metrics: list = []
+    modes: tuple[str, ...] = ("loopback",)  # network modes it runs in
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -147,3 +148,194 @@ def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
             return False
         time.sleep(interval)
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# contender workloads: the same figures for every client, side by side, ratios per run
+
+BASELINES = ("s5cmd", "local", "boto3")
+
+
+class ContenderWorkload(Workload):
+    """A workload measured for each contender (objfs, s3fs, rclone) plus baselines (s5cmd, local
+    disk...) in the same run. Subclasses set ``figures`` (per-contender Metrics),
+    ``baselines`` (which baseline columns they measure) and implement ``measure(name, rec)``,
+    which stores ``rec.metrics[f"{name}.{figure}"]``.
+
+    The contenders take turns in a rotating order (run 1: objfs first, run 2: the second one
+    first...), so slow drift of the machine does not always favour the same one. A failure of
+    one contender marks its figures in that run (``failed: EROFS``, ``timeout``...) and the others
+    go on. After the run, ``objfs/<peer>.<figure>`` ratios are computed from that run's values."""
+
+    figures: list = []
+    baselines: tuple[str, ...] = ()
+    base = "objfs"
+    modes = ("loopback", "emulated")
+    # In the emulated mode, baselines that do not touch the network (local disk) and figures
+    # that do not depend on it (warm reads from the client's disk, kernel re-reads) are left
+    # out: they would repeat the loopback figures.
+    emulated_baselines: tuple[str, ...] | None = None
+    emulated_skip: tuple[str, ...] = ()
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        from bench.mounts import CONTENDERS
+        self.clients = {}
+        for name in ctx.contenders:
+            cls = CONTENDERS[name]
+            self.clients[name] = cls(ctx.origin.endpoint,
+                                     extra_args=ctx.args.mount_arg if name == "objfs" else [],
+                                     mount_timeout=self.sizes.step_timeout,
+                                     umount_timeout=self.sizes.step_timeout,
+                                     work_dir=ctx.work_dir)
+        self.unavailable: dict[str, str] = {}
+        self.emulated = ctx.mode == "emulated"
+        if self.emulated:
+            if self.emulated_baselines is not None:
+                self.baselines = self.emulated_baselines
+            self.figures = [f for f in self.figures if f.key not in self.emulated_skip]
+        self.columns = [*self.clients, *self.baselines]
+        self.peers = [c for c in self.columns if c != self.base and self.base in self.clients]
+        self.metrics = self._expand()
+
+    def _expand(self) -> list:
+        from bench.report import Metric
+        out = []
+        for c in self.columns:
+            for f in self.figures:
+                out.append(Metric(f"{c}.{f.key}", f"{c}: {f.label}", f.unit, f.digits))
+        for p in self.peers:
+            for f in self.figures:
+                out.append(Metric(f"{self.base}/{p}.{f.key}", f"{self.base}/{p}: {f.label}",
+                                  "x", 2))
+        return out
+
+    def matrix(self) -> dict:
+        return {"figures": self.figures, "columns": self.columns, "base": self.base,
+                "peers": self.peers}
+
+    def setup(self) -> dict:
+        info = {}
+        for name, client in self.clients.items():
+            ok, note = client.available()
+            if not ok:
+                self.unavailable[name] = note
+                self.log(f"{self.name}: {name} unavailable: {note}")
+            info[f"{name}_version"] = client.version() if ok else f"unavailable: {note}"
+        info.update(self.setup_data())
+        return info
+
+    def setup_data(self) -> dict:
+        return {}
+
+    def settings(self) -> dict:
+        return {"contenders": {n: c.settings() for n, c in self.clients.items()},
+                "baselines": list(self.baselines), **self.workload_settings()}
+
+    def workload_settings(self) -> dict:
+        return {}
+
+    def run_once(self, rec: RunRecord) -> None:
+        k = (rec.run - 1) % max(1, len(self.columns))
+        order = self.columns[k:] + self.columns[:k]
+        rec.extra["order"] = order
+        for name in order:
+            if name in self.unavailable:
+                self._fail_all(rec, name, "unavailable")
+                continue
+            self.log(f" -- {self.name}: {name}")
+            try:
+                self.measure(name, rec)
+            except RowFailure as e:
+                self._fail_all(rec, name, e.label, str(e))
+            except StepError as e:
+                label = e.status if e.status != "failed" else "failed"
+                errno_name = errno_label(str(e))
+                if errno_name:
+                    label = f"{label}: {errno_name}"
+                self._fail_all(rec, name, label, str(e))
+                self.log(f"  {name}: {label}: {str(e)[:300]}")
+        for p in self.peers:
+            for f in self.figures:
+                a, b = rec.metrics.get(f"{self.base}.{f.key}"), rec.metrics.get(f"{p}.{f.key}")
+                if a is not None and b:
+                    rec.metrics[f"{self.base}/{p}.{f.key}"] = a / b
+
+    def _fail_all(self, rec: RunRecord, name: str, label: str, detail: str = "") -> None:
+        """Mark every figure of ``name`` not measured in this run as failed with ``label``."""
+        for f in self.figures:
+            key = f"{name}.{f.key}"
+            if key not in rec.metrics:
+                rec.extra.setdefault("row_failures", {}).setdefault(key, label)
+        if detail:
+            rec.extra.setdefault("row_errors", {})[name] = detail[-1500:]
+
+    def measure(self, name: str, rec: RunRecord) -> None:
+        raise NotImplementedError
+
+    def row(self, rec: RunRecord, name: str, figure: str, fn) -> None:
+        """Measure one figure; a RowFailure marks just that figure."""
+        try:
+            v = fn()
+        except RowFailure as e:
+            key = f"{name}.{figure}"
+            rec.extra.setdefault("row_failures", {})[key] = e.label
+            rec.extra.setdefault("row_errors", {})[key] = str(e)[-1500:]
+            self.log(f"  {name} {figure}: {e.label}")
+            return
+        if v is not None:
+            rec.metrics[f"{name}.{figure}"] = v
+
+
+def daemon_peak_rss(pid: int) -> float | None:
+    """VmHWM (MiB) of a live daemon: the peak RSS over its life so far."""
+    from bench.common import proc_status
+    try:
+        return proc_status(pid)["VmHWM"] / 1024
+    except OSError:
+        return None
+
+
+def fio_run(job: str, env: dict, timeout: float, what: str) -> dict:
+    """Run ``fio --output-format=json bench/fio/<job>`` with ``env`` (BENCH_FILE...). Returns
+    the (group-reported) job's figures: ``read``/``write`` each with bytes, MBps, iops,
+    clat_p50_ms, clat_p99_ms; ``runtime_s``. A failed job raises RowFailure naming the errno
+    (``failed: EROFS``)."""
+    import json as _json
+    from bench.common import BENCH_DIR
+    cmd = ["fio", "--output-format=json", str(BENCH_DIR / "fio" / job)]
+    try:
+        cp, secs = run(cmd, timeout=timeout, what=what, env={**os.environ, **env}, check=False)
+    except StepError as e:  # a timeout
+        raise RowFailure(e.status, str(e)) from None
+    out = (cp.stdout or b"").decode("utf-8", "replace")
+    err = (cp.stderr or b"").decode("utf-8", "replace")
+    data = None
+    if "{" in out:
+        try:
+            data = _json.loads(out[out.index("{"):])
+        except ValueError:
+            data = None
+    job_err = 0
+    if data and data.get("jobs"):
+        job_err = max(int(j.get("error", 0)) for j in data["jobs"])
+    if cp.returncode != 0 or job_err or not data or not data.get("jobs"):
+        text = f"err={job_err} {err} {out[:400] if not data else ''}" if job_err else err + out
+        label = errno_label(text)
+        raise RowFailure(f"failed: {label}" if label else "failed",
+                         f"{what}: fio exit {cp.returncode}: {text.strip()[-1200:]}")
+    j = data["jobs"][0]
+    res = {"runtime_s": secs}
+    for d in ("read", "write"):
+        x = j.get(d) or {}
+        if not x.get("io_bytes"):
+            continue
+        pct = (x.get("clat_ns") or {}).get("percentile") or {}
+        res[d] = {"bytes": x["io_bytes"], "MBps": x["bw_bytes"] / 1e6, "iops": x["iops"],
+                  "runtime_s": x.get("runtime", 0) / 1000,
+                  "clat_p50_ms": pct.get("50.000000", 0) / 1e6,
+                  "clat_p99_ms": pct.get("99.000000", 0) / 1e6}
+    sync = j.get("sync") or {}
+    if sync:
+        res["sync_total_ns"] = sync.get("total_ios")
+    return res

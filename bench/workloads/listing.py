@@ -1,203 +1,119 @@
 """Workload ``listing``: how long until a big prefix is browsable, cold and after a remount.
 
-Per run, in this order and against the same origin:
-  (a) boto3 flat listing: ListObjectsV2 paginator without delimiter over the prefix;
-  (b) cold: ``objfs mount`` with a fresh empty cache dir (seconds until the command returns:
-      the daemon lists the prefix flat and builds its LMDB tree before it returns), then
-      ``find MOUNTPOINT`` (line count must equal 1 root + directories + objects);
-  (c) ``objfs umount``; ``objfs mount`` again with the same cache dir (returns at once with the
-      stored tree, refreshing in the background), ``find`` again (same count check);
-  (d) daemon VmRSS / VmHWM / CPU seconds, read from /proc after each find.
+Dataset: N small objects (100,000 in the full run) in a tree of N/1000 top-level directories
+(see origin.Dataset). Per run, against the same origin:
+
+- **boto3**: a ListObjectsV2 paginator without delimiter over the prefix (the raw API's
+  listing time; the client is built before timing);
+- per contender: mount with a fresh empty cache dir (**cold mount**: objfs returns once the flat
+  listing is in LMDB; s3fs and rclone return at once and list per directory on demand), then
+  ``find MOUNTPOINT`` (**cold find**; its line count must be 1 + directories + N), then
+  ``ls -lR MOUNTPOINT`` in the same mount (**ls -lR**: every entry stat()ed; entry count
+  checked); then unmount, mount again with the **same cache dir** (objfs reuses its stored
+  tree and refreshes in the background; s3fs and rclone keep no metadata across mounts) and
+  time ``find`` and ``ls -lR`` again;
+- the daemon's CPU time for the cold part and its peak RSS (VmHWM).
+
+A traversal that exceeds the step timeout is shown as ``timeout`` (its contender's remaining
+cells too).
 """
 
 from __future__ import annotations
 
-import shutil
-import time
-from pathlib import Path
-
-from bench.common import StepError, now_stamp
-from bench.mounts import ObjfsClient, daemon_stats, find_count, is_fuse_mounted
-from bench.origin import BUCKET, Dataset
+from bench.common import StepError
+from bench.mounts import daemon_stats, find_count, is_fuse_mounted, ls_lr_count
+from bench.origin import Dataset
 from bench.report import Metric, RunRecord
+from bench.workloads.base import ContenderWorkload
 
 
-class ListingWorkload:
+class ListingWorkload(ContenderWorkload):
     name = "listing"
-    description = ("Flat listing of a prefix of small objects: raw boto3 paginator vs. objfs "
-                   "cold mount + `find`, and remount (same cache dir) + `find`.")
-    metrics = [
-        Metric("boto3_list_s", "boto3 flat listing (list_objects_v2, no delimiter)", "s"),
-        Metric("boto3_objects_per_s", "boto3 listing rate", "objects/s", 0),
-        Metric("cold_mount_s", "cold: `objfs mount` until it returns (empty cache dir)", "s"),
-        Metric("cold_find_s", "cold: `find MOUNTPOINT` after the mount", "s"),
-        Metric("cold_total_s", "cold total = mount + find", "s"),
-        Metric("umount_s", "`objfs umount` (waits for the daemon to exit)", "s"),
-        Metric("remount_mount_s", "remount: `objfs mount`, same cache dir", "s"),
-        Metric("remount_find_s", "remount: `find MOUNTPOINT`", "s"),
-        Metric("remount_total_s", "remount total = mount + find", "s"),
-        Metric("cold_over_boto3", "ratio cold total / boto3 listing", "x"),
-        Metric("cold_mount_over_boto3", "ratio cold mount alone / boto3 listing", "x"),
-        Metric("remount_over_boto3", "ratio remount total / boto3 listing", "x"),
-        Metric("cold_over_remount", "ratio cold total / remount total", "x"),
-        Metric("cold_rss_mib", "daemon VmRSS after cold find", "MiB", 1),
-        Metric("cold_hwm_mib", "daemon VmHWM (peak RSS) after cold find", "MiB", 1),
-        Metric("cold_cpu_s", "daemon CPU (user+sys) for cold mount + find", "s"),
-        Metric("remount_rss_mib", "daemon VmRSS after remount find", "MiB", 1),
-        Metric("remount_hwm_mib", "daemon VmHWM (peak RSS) after remount find", "MiB", 1),
-        Metric("remount_cpu_s", "daemon CPU (user+sys) for remount + find", "s"),
+    description = ("Browsing a prefix of N small objects (100,000 in the full run, 1,000 "
+                   "directories): cold mount + `find` + `ls -lR`, then remount (same cache dir) "
+                   "+ `find` + `ls -lR`; boto3 flat listing as the raw API's time.")
+    figures = [
+        Metric("cold_mount_s", "cold: mount until usable (empty cache dir)", "s"),
+        Metric("cold_find_s", "cold: `find` after the mount", "s"),
+        Metric("cold_total_s", "cold: mount + find (boto3: flat listing of the prefix)", "s"),
+        Metric("cold_lslr_s", "`ls -lR` right after that find (same mount)", "s"),
+        Metric("remount_s", "remount with the same cache dir, until usable", "s"),
+        Metric("remount_find_s", "remount: `find`", "s"),
+        Metric("remount_total_s", "remount: mount + find", "s"),
+        Metric("remount_lslr_s", "remount: `ls -lR` after that find", "s"),
+        Metric("cpu_s", "daemon CPU for cold mount + find + ls -lR", "s"),
+        Metric("peak_rss_mib", "daemon peak RSS (VmHWM) after the cold ls -lR", "MiB", 0),
     ]
+    baselines = ("boto3",)
 
     def __init__(self, ctx):
-        self.ctx = ctx
+        super().__init__(ctx)
         self.ds = Dataset(objects=ctx.args.objects)
-        self.client = ObjfsClient(ctx.origin.endpoint, extra_args=ctx.args.mount_arg,
-                                  mount_timeout=ctx.args.timeout,
-                                  umount_timeout=min(ctx.args.timeout, 300))
         self.expected_lines = 0
-        self.objfs_ok = False
-        self.objfs_note = ""
 
-    def settings(self) -> dict:
-        return {
-            "objects": self.ds.objects,
-            "dataset": self.ds.name,
-            "url": self.url,
-            "layout": "per 1000 objects: dNNN/ 600 files, dNNN/s0..s2/ 100 each, "
-                      "dNNN/n/deep/x0..x3/ 25 each; sizes 0-1024 B",
-            "expected_find_lines": self.expected_lines,
-            "objfs_cli": self.client.exe,
-            "objfs_mount_extra_args": self.client.extra_args,
-            "timeout_s": self.ctx.args.timeout,
-            "boto3_page_size": 1000,
-        }
-
-    @property
-    def url(self) -> str:
-        return f"s3://{BUCKET}/{self.ds.name}"
-
-    def setup(self) -> dict:
+    def setup_data(self) -> dict:
         info = self.ctx.origin.ensure_dataset(self.ds, repopulate=self.ctx.args.repopulate)
         self.expected_lines = self.ds.expected_find_lines()
         info["expected_find_lines"] = self.expected_lines
-        self.objfs_ok, self.objfs_note = self.client.available()
-        if not self.objfs_ok:
-            self.ctx.log(f"listing: objfs unavailable, only the boto3 part will run: "
-                         f"{self.objfs_note}")
-        return info
+        return {"dataset": info}
 
-    def run_once(self, rec: RunRecord) -> None:
+    def workload_settings(self) -> dict:
+        return {"objects": self.ds.objects, "dataset": self.ds.name,
+                "layout": "per 1000 objects: dNNN/ 600 files, dNNN/s0..s2/ 100 each, "
+                          "dNNN/n/deep/x0..x3/ 25 each; sizes 0-1024 B",
+                "expected_find_lines": self.expected_lines, "boto3_page_size": 1000,
+                "traversal_timeout_s": self.sizes.step_timeout}
+
+    def measure(self, name: str, rec: RunRecord) -> None:
         m = rec.metrics
-        log = self.ctx.log
-        # (a) raw listing; the client is built outside the timed part
-        s3 = self.ctx.origin.client()
-        n, pages, secs = self.ctx.origin.list_flat(self.ds.prefix, s3)
-        rec.extra["boto3_objects"] = n
-        rec.extra["boto3_pages"] = pages
-        if n != self.ds.objects:
-            rec.extra["boto3_list_s_unverified"] = secs
-            raise StepError(f"boto3 listed {n} objects, expected {self.ds.objects}")
-        m["boto3_list_s"] = secs
-        m["boto3_objects_per_s"] = n / secs
-        log(f"  (a) boto3 listing: {n} objects, {pages} pages, {secs:.2f} s")
+        if name == "boto3":
+            s3 = self.ctx.origin.client()
+            n, pages, secs = self.ctx.origin.list_flat(self.ds.prefix, s3)
+            if n != self.ds.objects:
+                raise StepError(f"boto3 listed {n} objects, expected {self.ds.objects}")
+            m["boto3.cold_total_s"] = secs
+            self.log(f"  boto3 flat listing: {n} objects, {pages} pages, {secs:.2f} s")
+            return
+        client = self.clients[name]
+        with self.mounted(client, self.ds.name, rec, name) as mnt:
+            m[f"{name}.cold_mount_s"] = mnt.mount_s
+            cpu0 = daemon_stats(mnt.pid)["cpu_s"]
+            secs = self._find(mnt.mp, rec, f"{name}.cold")
+            m[f"{name}.cold_find_s"] = secs
+            m[f"{name}.cold_total_s"] = mnt.mount_s + secs
+            m[f"{name}.cold_lslr_s"] = self._lslr(mnt.mp, rec, f"{name}.cold")
+            st = daemon_stats(mnt.pid)
+            m[f"{name}.cpu_s"] = st["cpu_s"] - cpu0
+            m[f"{name}.peak_rss_mib"] = st["hwm_mib"]
+            self.log(f"  {name} cold: mount {mnt.mount_s:.2f} s, find {secs:.2f} s, ls -lR "
+                     f"{m[f'{name}.cold_lslr_s']:.2f} s; RSS {st['hwm_mib']:.0f} MiB")
+            mnt2 = self.remount(mnt, self.ds.name)
+            m[f"{name}.remount_s"] = mnt2.mount_s
+            secs = self._find(mnt2.mp, rec, f"{name}.remount")
+            m[f"{name}.remount_find_s"] = secs
+            m[f"{name}.remount_total_s"] = mnt2.mount_s + secs
+            m[f"{name}.remount_lslr_s"] = self._lslr(mnt2.mp, rec, f"{name}.remount")
+            self.log(f"  {name} remount: {mnt2.mount_s:.2f} s, find {secs:.2f} s, ls -lR "
+                     f"{m[f'{name}.remount_lslr_s']:.2f} s")
 
-        if not self.objfs_ok:
-            raise StepError(f"objfs not runnable: {self.objfs_note[-800:]}")
-
-        run_dir = self.ctx.work_dir / f"listing-{now_stamp()}-run{rec.run}"
-        cache, mp, mlog = run_dir / "cache", run_dir / "mnt", run_dir / "objfs-cli.log"
-        cache.mkdir(parents=True)
-        rec.extra["run_dir"] = str(run_dir)
-        ok = False
-        try:
-            # (b) cold
-            mnt = self.client.mount(BUCKET, self.ds.name, mp, cache, mlog)
-            secs, pid = mnt.mount_s, mnt.pid
-            rec.extra["cold_pid"] = pid
-            m["cold_mount_s"] = secs
-            log(f"  (b) cold mount: {secs:.2f} s (daemon pid {pid})")
-            fsecs = self._find(mp, rec, "cold")
-            m["cold_find_s"] = fsecs
-            m["cold_total_s"] = secs + fsecs
-            self._stats(pid, rec, "cold")
-            log(f"      cold find: {fsecs:.2f} s; total {secs + fsecs:.2f} s; "
-                f"RSS {m['cold_rss_mib']:.0f} MiB, HWM {m['cold_hwm_mib']:.0f} MiB")
-
-            # (c) remount with the same cache dir
-            m["umount_s"] = self.client.umount(mp, mlog)
-            self._wait_gone(pid)
-            mnt = self.client.mount(BUCKET, self.ds.name, mp, cache, mlog)
-            secs, pid = mnt.mount_s, mnt.pid
-            rec.extra["remount_pid"] = pid
-            m["remount_mount_s"] = secs
-            log(f"  (c) umount {m['umount_s']:.2f} s; remount: {secs:.2f} s (pid {pid})")
-            fsecs = self._find(mp, rec, "remount")
-            m["remount_find_s"] = fsecs
-            m["remount_total_s"] = secs + fsecs
-            self._stats(pid, rec, "remount")
-            log(f"      remount find: {fsecs:.2f} s; total {secs + fsecs:.2f} s; "
-                f"RSS {m['remount_rss_mib']:.0f} MiB, HWM {m['remount_hwm_mib']:.0f} MiB")
-            rec.extra["remount_umount_s"] = self.client.umount(mp, mlog)
-            self._wait_gone(pid)
-            ok = True
-        finally:
-            self._ratios(m)
-            notes = self.client.cleanup(mp, log=log)
-            if notes:
-                rec.extra["cleanup"] = notes
-            if is_fuse_mounted(mp):
-                rec.extra["left_mounted"] = str(mp)
-                log(f"  WARNING: {mp} is still mounted after cleanup")
-            elif ok and not self.ctx.args.keep_run_dirs:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                rec.extra.pop("run_dir", None)
-
-    # ---- helpers ----------------------------------------------------------------------------
-
-    def _find(self, mp: Path, rec: RunRecord, phase: str) -> float:
-        lines, secs = find_count(mp, timeout=self.ctx.args.timeout)
+    def _find(self, mp, rec: RunRecord, phase: str) -> float:
+        lines, secs = find_count(mp, timeout=self.sizes.step_timeout)
         rec.extra[f"{phase}_find_lines"] = lines
         if lines != self.expected_lines:
             rec.extra[f"{phase}_find_s_unverified"] = secs
             raise StepError(f"{phase} find printed {lines} lines, expected "
-                            f"{self.expected_lines} (1 root + {self.expected_lines - 1 - self.ds.objects} "
-                            f"dirs + {self.ds.objects} objects)")
+                            f"{self.expected_lines} (1 root + "
+                            f"{self.expected_lines - 1 - self.ds.objects} dirs + "
+                            f"{self.ds.objects} objects)")
         if not is_fuse_mounted(mp):
             raise StepError(f"{phase}: {mp} is no longer mounted after find (daemon died?)")
         return secs
 
-    @staticmethod
-    def _stats(pid: int, rec: RunRecord, phase: str) -> None:
-        try:
-            st = daemon_stats(pid)
-        except OSError as e:
-            raise StepError(f"{phase}: cannot read /proc/{pid}/status: {e}") from None
-        rec.metrics[f"{phase}_rss_mib"] = st["rss_mib"]
-        rec.metrics[f"{phase}_hwm_mib"] = st["hwm_mib"]
-        rec.metrics[f"{phase}_cpu_s"] = st["cpu_s"]
-        rec.extra[f"{phase}_threads"] = st["threads"]
-
-    @staticmethod
-    def _wait_gone(pid: int, timeout: float = 30) -> None:
-        from objfs.procinfo import process_alive as pid_alive
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid):
-            if time.monotonic() > deadline:
-                raise StepError(f"daemon {pid} still alive {timeout:.0f} s after objfs umount")
-            time.sleep(0.05)
-
-    @staticmethod
-    def _ratios(m: dict) -> None:
-        b = m.get("boto3_list_s")
-        if b:
-            if "cold_total_s" in m:
-                m["cold_over_boto3"] = m["cold_total_s"] / b
-            if "cold_mount_s" in m:
-                m["cold_mount_over_boto3"] = m["cold_mount_s"] / b
-            if "remount_total_s" in m:
-                m["remount_over_boto3"] = m["remount_total_s"] / b
-        if "cold_total_s" in m and m.get("remount_total_s"):
-            m["cold_over_remount"] = m["cold_total_s"] / m["remount_total_s"]
-
-    def teardown(self) -> None:
-        pass
+    def _lslr(self, mp, rec: RunRecord, phase: str) -> float:
+        n, secs = ls_lr_count(mp, timeout=self.sizes.step_timeout)
+        rec.extra[f"{phase}_lslr_entries"] = n
+        if n != self.expected_lines - 1:
+            rec.extra[f"{phase}_lslr_s_unverified"] = secs
+            raise StepError(f"{phase} ls -lR listed {n} entries, expected "
+                            f"{self.expected_lines - 1}")
+        return secs
