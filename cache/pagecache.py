@@ -117,6 +117,8 @@ class PageCache:
         self._inflight: dict[bytes, Future] = {}          # guarded by _lock
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)  # guarded by _lock
         self._touched: dict[bytes, int] = {}              # guarded by _lock: last use to persist
+        # READY pages stored by readahead -> bytes of them not read yet (hit accounting)
+        self._prefetched: dict[bytes, int] = {}           # guarded by _lock
         self._seq = 0                                     # guarded by _lock
         self._free_estimate = self._sample_free()         # guarded by _lock
         self._free_sampled_at = clock()                   # guarded by _lock
@@ -262,7 +264,7 @@ class PageCache:
             self._start_fetches(version, claimed)
         if ahead:
             self._metrics.inc("readahead_pages_total", len(ahead))
-            self._start_fetches(version, ahead)
+            self._start_fetches(version, ahead, prefetch=True)
         end = min(offset + size, version.size)
         pieces = []
         for index, pid in zip(span, ids):
@@ -338,18 +340,29 @@ class PageCache:
             self._policy.touch(pid)
             self._seq += 1
             self._touched[pid] = self._seq
+            unread = self._prefetched.get(pid)
+            if unread is not None:
+                if unread - (hi - lo) <= 0:
+                    del self._prefetched[pid]
+                else:
+                    self._prefetched[pid] = unread - (hi - lo)
         self._metrics.inc("read_cache_bytes", hi - lo)
+        # A page readahead fetched moments ago is no cache hit: the origin just served it.
+        self._metrics.inc("read_prefetched_bytes" if unread is not None
+                          else "read_cache_hit_bytes", hi - lo)
         return raw[lo - start:hi - start]
 
     # ---- fetching (event loop) -------------------------------------------------------------
 
-    def _start_fetches(self, version: ObjectVersion, claimed: list[tuple[int, Future]]) -> None:
+    def _start_fetches(self, version: ObjectVersion, claimed: list[tuple[int, Future]],
+                       prefetch: bool = False) -> None:
         futures = dict(claimed)
         for run in coalesce(sorted(futures), self._request_pages):
-            self._loop.submit(self._fetch_run(version, run, [futures[i] for i in run]))
+            self._loop.submit(self._fetch_run(version, run, [futures[i] for i in run],
+                                              prefetch))
 
-    async def _fetch_run(self, version: ObjectVersion, run: range,
-                         futures: list[Future]) -> None:
+    async def _fetch_run(self, version: ObjectVersion, run: range, futures: list[Future],
+                         prefetch: bool = False) -> None:
         """Fetch a run, hand the bytes to the waiters, then store them. The run holds its
         fetch slot until stored, so the bytes in memory are bounded by ``parallelism`` runs
         even when readers outpace the cache disk."""
@@ -380,7 +393,7 @@ class PageCache:
             self._metrics.inc("cache_misses_total", len(run))
             try:
                 await asyncio.get_running_loop().run_in_executor(
-                    self._writer, self._persist, version, run, pages)
+                    self._writer, self._persist, version, run, pages, prefetch)
             except RuntimeError:  # shutting down: the pages stay MISSING
                 with self._lock:
                     for index in run:
@@ -388,7 +401,8 @@ class PageCache:
 
     # ---- storing (writer threads) ----------------------------------------------------------
 
-    def _persist(self, version: ObjectVersion, run: range, pages: list[memoryview]) -> None:
+    def _persist(self, version: ObjectVersion, run: range, pages: list[memoryview],
+                 prefetch: bool = False) -> None:
         """Store a fetched run: admit, write, then commit. Runs on a writer thread.
 
         The commit (index entry, INFLIGHT -> READY) happens under ``_lock`` and only for pages
@@ -435,6 +449,9 @@ class PageCache:
                         for pid, _ in kept:
                             self._policy.remove(pid)
                         kept = []
+                if prefetch:
+                    for pid, size in kept:
+                        self._prefetched[pid] = size - HEADER_SIZE
                 for pid in settled:
                     self._inflight.pop(pid, None)
                 for pid, _ in written:
@@ -520,6 +537,7 @@ class PageCache:
         with self._lock:
             for pid in pids:
                 self._touched.pop(pid, None)
+                self._prefetched.pop(pid, None)
         try:
             self._index.delete(pids)
         except lmdb.Error as exc:

@@ -37,8 +37,10 @@ SOCKET_NAME = "control.sock"
 _PROM_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
-def prometheus_text(metrics: dict[str, float], labels: dict[str, str]) -> str:
-    """Counters end in _total/_bytes/_seconds_total; everything else is a gauge."""
+def prometheus_text(metrics: dict[str, float], labels: dict[str, str],
+                    gauges: frozenset[str] = frozenset()) -> str:
+    """Metrics named as counters (``_total``, ``_bytes``, ``_s``) are counters unless listed
+    in ``gauges`` (sampled gauges and up/down counts); everything else is a gauge."""
     label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
     lines = []
     for name in sorted(metrics):
@@ -46,8 +48,8 @@ def prometheus_text(metrics: dict[str, float], labels: dict[str, str]) -> str:
         if not isinstance(value, (int, float)) or math.isnan(value):
             continue
         prom = "objfs_" + _PROM_NAME.sub("_", name)
-        kind = "counter" if name.endswith(("_total", "_bytes")) and not name.startswith(
-            ("cache_used", "cache_capacity", "upload_bytes_buffered")) else "gauge"
+        kind = "counter" if name.endswith(("_total", "_bytes", "_s")) and \
+            name not in gauges else "gauge"
         if kind == "counter" and not prom.endswith("_total"):
             prom += "_total"  # OpenMetrics wants counters to end in _total
         lines.append(f"# TYPE {prom} {kind}")
@@ -101,12 +103,16 @@ class ControlServer:
             self.socket_path.unlink()
         except FileNotFoundError:
             pass
-        old_umask = os.umask(0o177)  # the socket is created 0600
+        # Bind through a descriptor of the cache dir: unix socket paths are limited to 107
+        # bytes, cache dir paths are not. Created with the process umask (others cannot
+        # connect without write permission), then restricted to the owner.
+        dir_fd = os.open(self.socket_path.parent, os.O_PATH | os.O_DIRECTORY)
         try:
-            await web.UnixSite(self._runner, str(self.socket_path)).start()
+            short = f"/proc/self/fd/{dir_fd}/{self.socket_path.name}"
+            await web.UnixSite(self._runner, short).start()
+            os.chmod(short, 0o600)
         finally:
-            os.umask(old_umask)
-        os.chmod(self.socket_path, 0o600)
+            os.close(dir_fd)
         if self._metrics_addr is not None:
             prom = web.Application()
             prom.router.add_get("/metrics", self._prometheus)
@@ -132,7 +138,8 @@ class ControlServer:
 
     async def _prometheus(self, request: web.Request) -> web.Response:
         text = prometheus_text(self._metrics.snapshot(),
-                               {"mount": str(self._info.get("mountpoint", ""))})
+                               {"mount": str(self._info.get("mountpoint", ""))},
+                               self._metrics.gauge_names())
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
 

@@ -120,6 +120,7 @@ class Filesystem:
         self.loop = loop
         self._clock = clock
         self._writes: dict[int, WriteState] = {}  # ino -> state; guarded by _handles_lock
+        metrics.updown("upload_parts_inflight")
         if not config.read_only:
             if store is None or loop is None:
                 raise ValueError("a writable filesystem needs the store and the loop")

@@ -17,6 +17,7 @@ class Metrics:
         self._shards: list[dict[str, float]] = []  # guarded by _shards_lock (appends only)
         self._shards_lock = threading.Lock()
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._updown: set[str] = set()  # counters that also go down (a gauge for Prometheus)
 
     def _shard(self) -> dict[str, float]:
         shard = getattr(self._local, "shard", None)
@@ -32,6 +33,13 @@ class Metrics:
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read
+
+    def updown(self, name: str) -> None:
+        """Declare ``name`` a count that goes up and down (``inc`` with negative values)."""
+        self._updown.add(name)
+
+    def gauge_names(self) -> frozenset[str]:
+        return frozenset(self._gauges) | frozenset(self._updown)
 
     def snapshot(self) -> dict[str, float]:
         totals: dict[str, float] = {}

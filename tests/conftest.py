@@ -17,6 +17,7 @@ import boto3
 import pytest
 
 from objfs.procinfo import process_alive  # noqa: F401 - re-exported for the tests
+from objfs.mounts import unescape_mountinfo
 from tests.faultproxy import FaultProxy
 
 VENV_BIN = Path(sys.executable).parent
@@ -59,7 +60,7 @@ def mount_type(path: Path) -> str | None:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == target:
+            if unescape_mountinfo(fields[4]) == target:
                 found = fields[fields.index("-") + 1]
     return found
 

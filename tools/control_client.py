@@ -65,7 +65,14 @@ def control_socket(mount_root: str) -> str:
 
 def request(mount_root: str, method: str, path: str, timeout: float = 30.0) -> Any:
     sock_path = control_socket(mount_root)
-    conn = _UnixConnection(sock_path, timeout)
+    # Reach the socket through a descriptor of its directory: a unix socket path is limited
+    # to 107 bytes, a cache dir path is not.
+    try:
+        dir_fd = os.open(os.path.dirname(sock_path), os.O_PATH | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the control endpoint of {mount_root} at {sock_path}: "
+                          f"{exc.strerror}") from None
+    conn = _UnixConnection(f"/proc/self/fd/{dir_fd}/{os.path.basename(sock_path)}", timeout)
     try:
         conn.request(method, path)
         response = conn.getresponse()
@@ -75,6 +82,7 @@ def request(mount_root: str, method: str, path: str, timeout: float = 30.0) -> A
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     finally:
         conn.close()
+        os.close(dir_fd)
     try:
         payload = json.loads(body) if body else {}
     except ValueError:
@@ -94,7 +102,7 @@ def relative_to_mount(mount_root: str, path: str | None) -> str:
             raise ConfigError(f"{path} is not under the mount {mount_root}")
         return os.path.relpath(full, mount_root) if full != mount_root else ""
     rel = os.path.normpath(path)
-    if rel.startswith(".."):
+    if rel == ".." or rel.startswith("../"):
         raise ConfigError(f"{path} leaves the mount")
     return "" if rel == "." else rel
 
@@ -132,7 +140,10 @@ def stats_row(prev: dict[str, Any], cur: dict[str, Any]) -> list[str]:
         return (b.get(name, 0) - a.get(name, 0)) / dt / scale
 
     cache, fetched = rate("read_cache_bytes"), rate("read_fetched_bytes")
-    hit = f"{100 * cache / (cache + fetched):.0f}" if cache + fetched > 0 else "-"
+    # Hits: bytes from pages that were cached before this read wanted them (pages readahead
+    # fetched moments ago came from the origin: read_prefetched_bytes, not hits).
+    hits = rate("read_cache_hit_bytes")
+    hit = f"{100 * hits / (cache + fetched):.0f}" if cache + fetched > 0 else "-"
     reads = b.get("fuse_read_total", 0) - a.get("fuse_read_total", 0)
     read_s = b.get("fuse_read_seconds_total", 0) - a.get("fuse_read_seconds_total", 0)
     latency = f"{1000 * read_s / reads:.2f}" if reads else "-"
