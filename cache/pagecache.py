@@ -49,6 +49,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -92,7 +93,7 @@ class PageCache:
                  metrics: Metrics, capacity_bytes: int, policy: str = "lru",
                  free_floor_bytes: int = 0, request_pages: int = 8, parallelism: int = 8,
                  max_window_pages: int = 32, writer_threads: int = 2,
-                 fetch_timeout_s: float = 300.0,
+                 fetch_timeout_s: float = 300.0, unkept_pages: int = 64,
                  free_bytes: Callable[[Path], int] = statvfs_free_bytes,
                  clock: Callable[[], float] = time.monotonic,
                  background: bool = True) -> None:
@@ -117,6 +118,11 @@ class PageCache:
         self._inflight: dict[bytes, Future] = {}          # guarded by _lock
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)  # guarded by _lock
         self._touched: dict[bytes, int] = {}              # guarded by _lock: last use to persist
+        # Fetched pages the cache did not keep (refused by the policy, disk trouble): the
+        # kernel asks for a page in 128 KiB pieces, so without these a read-through page
+        # would be fetched once per piece. Bounded LRU of done futures.
+        self._unkept: OrderedDict[bytes, Future] = OrderedDict()  # guarded by _lock
+        self._unkept_pages = unkept_pages
         # READY pages stored by readahead -> bytes of them not read yet (hit accounting)
         self._prefetched: dict[bytes, int] = {}           # guarded by _lock
         self._seq = 0                                     # guarded by _lock
@@ -244,8 +250,12 @@ class PageCache:
             for index, pid in zip(span, ids):
                 fut = self._inflight.get(pid)
                 if fut is None and pid not in self._policy:
-                    fut = self._inflight[pid] = Future()
-                    claimed.append((index, fut))
+                    fut = self._unkept.get(pid)
+                    if fut is not None:
+                        self._unkept.move_to_end(pid)
+                    else:
+                        fut = self._inflight[pid] = Future()
+                        claimed.append((index, fut))
                 if fut is not None:
                     waits[index] = fut
             if stream is not None and window > len(span):
@@ -453,7 +463,12 @@ class PageCache:
                     for pid, size in kept:
                         self._prefetched[pid] = size - HEADER_SIZE
                 for pid in settled:
-                    self._inflight.pop(pid, None)
+                    fut = self._inflight.pop(pid, None)
+                    if fut is not None and fut.done() and fut.exception() is None:
+                        self._unkept[pid] = fut
+                        self._unkept.move_to_end(pid)
+                while len(self._unkept) > self._unkept_pages:
+                    self._unkept.popitem(last=False)
                 for pid, _ in written:
                     self._inflight.pop(pid, None)
             kept_ids = {pid for pid, _ in kept}
@@ -553,6 +568,7 @@ class PageCache:
         with self._lock:
             for index in range(version.page_count()):
                 pid = page_id(version, index)
+                self._unkept.pop(pid, None)
                 if pid not in self._inflight and self._policy.remove(pid):
                     pids.append(pid)
         self._remove_pages(pids, evicted=False)

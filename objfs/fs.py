@@ -24,7 +24,7 @@ from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
 from objfs.config import MiB, MountConfig
-from objfs.errors import InvalidArgument, NotFound, ObjfsError, ReadOnly
+from objfs.errors import InvalidArgument, NotFound, ObjfsError, ReadOnly, StaleObject
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.store import ObjectInfo, ObjectStore
@@ -93,6 +93,8 @@ class FileHandle:
     version: ObjectVersion
     stream: ReadStream
     write: WriteState | None = None
+    stale: bool = False  # the object changed at the origin: reads are ESTALE
+    reading: int = 0     # reads in progress (guarded by Filesystem._handles_lock)
 
 
 @dataclasses.dataclass
@@ -240,12 +242,19 @@ class Filesystem:
         version = self.version_of(inode)
         fh = next(self._next_fh)
         with self._handles_lock:
-            if write is None and self._opened.get(ino) == inode.etag:
+            previous = self._opened.get(ino)
+            if write is None and previous == inode.etag:
                 self.metrics.inc("read_kernel_cache_reopens_total")
             self._opened[ino] = inode.etag
             self._files[fh] = FileHandle(inode, version, self.cache.new_stream(), write)
             if write is not None:
                 write.handles += 1
+        if previous is not None and previous != inode.etag and write is None:
+            # A new version of a file this host read before: make sure no page of the old one
+            # survives in the kernel (keep_cache). Not from inside this handler: the kernel
+            # may wait on it.
+            threading.Thread(target=self.invalidate_inodes, args=([ino],), daemon=True,
+                             name="objfs-invalidate").start()
         return fh
 
     def _largest_readahead_window(self) -> int:
@@ -265,16 +274,22 @@ class Filesystem:
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
         with self._handles_lock:
+            if handle.stale:
+                raise StaleObject(f"{handle.version.key} changed at the origin; reopen it")
+            handle.reading += 1
             state = self._writes.get(handle.inode.ino)
-        if state is not None:
-            data = self._read_pending(state, offset, size)
-            if data is not None:
-                self.metrics.inc("fuse_read_bytes", len(data))
-                return data
-            version = ObjectVersion(handle.version.bucket, state.key, state.etag, state.size)
-        else:
-            version = handle.version
-        data = self.cache.read(version, offset, size, handle.stream)
+        try:
+            if state is not None:
+                data = self._read_pending(state, offset, size)
+                if data is None:
+                    data = self.cache.read(
+                        ObjectVersion(handle.version.bucket, state.key, state.etag, state.size),
+                        offset, size, handle.stream)
+            else:
+                data = self.cache.read(handle.version, offset, size, handle.stream)
+        finally:
+            with self._handles_lock:
+                handle.reading -= 1
         self.metrics.inc("fuse_read_bytes", len(data))
         return data
 
@@ -780,5 +795,24 @@ class Filesystem:
         return {"files": files, "pages_dropped": pages}
 
     def changed(self, inos: list[int]) -> None:
-        """The tree saw these inodes change or disappear at the origin."""
+        """The tree saw these inodes change or disappear at the origin (refresher thread).
+
+        Open read handles of them go stale first (their reads are ESTALE from now on), then
+        reads already in progress are let finish, and only then are the kernel's cached pages
+        dropped: a read of the old version finishing after the invalidation would put old
+        bytes back, and llfuse's keep_cache would serve them to the next open.
+        """
+        wanted = set(inos)
+        with self._handles_lock:
+            for handle in self._files.values():
+                if handle.inode.ino in wanted and handle.write is None:
+                    handle.stale = True
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            with self._handles_lock:
+                busy = any(h.reading for h in self._files.values() if h.inode.ino in wanted)
+            if not busy:
+                break
+            time.sleep(0.01)
+        time.sleep(0.02)  # the last reply reaches the kernel after its handler returned
         self.invalidate_inodes(inos)

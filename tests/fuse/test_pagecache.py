@@ -592,12 +592,13 @@ def test_uniform_keeps_its_resident_set_and_reads_the_rest_through(tmpfs_mounts,
             assert read_file(mount.path / rel) == dataset[rel]
         settle(proxy)
         assert proxy.body_bytes["get"] >= 16 * MiB
-        # Read again: a later file is not cached (read through again), the first one is.
+        # Read again: a later file is not cached on disk (at most fetched once more; recent
+        # refused pages may still be in the small in-memory buffer), the first one is.
         proxy.reset()
         drop_kernel_cache(mount.path / names[2])
         assert read_file(mount.path / names[2]) == dataset[names[2]]
         settle(proxy)
-        assert proxy.body_bytes["get"] >= 4 * MiB
+        assert proxy.body_bytes["get"] <= len(dataset[names[2]])
         proxy.reset()
         drop_kernel_cache(mount.path / names[0])
         assert read_file(mount.path / names[0]) == dataset[names[0]]
@@ -645,7 +646,9 @@ def test_full_cache_disk_reads_through_with_a_warning(tmpfs_mounts, s3, bucket, 
         drop_kernel_cache(mount.path / "f.bin")
         assert read_file(mount.path / "f.bin") == data
     settle(proxy)
-    assert proxy.body_bytes["get"] >= 2 * len(data)     # nothing could be kept: read through
+    # Nothing could be kept: read through, but each page at most twice (the in-memory buffer
+    # of refused pages spares a fetch per 128 KiB kernel request).
+    assert len(data) <= proxy.body_bytes["get"] <= 2 * len(data)
     assert not page_files(cache_dir)
     text = log_text(mount)
     assert "page cache write failed" in text and "No space left on device" in text, text
