@@ -194,13 +194,17 @@ def put_many(s3, bucket: str, items: dict[str, bytes], workers: int = 16) -> Non
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_leftover_mounts() -> Iterator[None]:
+def no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Lazily unmount objfs mounts this session left under its own temp dir (never another
+    session's: several pytest runs may share the machine)."""
+    base = str(tmp_path_factory.getbasetemp())
     yield
     leftovers = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if "fuse.objfs" in fields and "pytest" in fields[4]:
-                leftovers.append(fields[4])
+            path = unescape_mountinfo(fields[4])
+            if "fuse.objfs" in fields and path.startswith(base + "/"):
+                leftovers.append(path)
     for path in leftovers:
         subprocess.run(["umount", "-l", path], capture_output=True)
