@@ -4,9 +4,10 @@ The machine drives a real ``PageCache`` (event-loop thread, writer threads, page
 LMDB index in a temporary directory) with a small capacity (a few pages) over small objects
 (a few pages each) served by the counting in-memory ``FakeSource`` of the unit tests. Rules
 read (plain or through a sequential stream with readahead), replace objects at the origin
-(a new ETag), restart the cache on the same directory, corrupt or delete page files behind
-its back (flip a byte, truncate, delete), drop versions and fail fetches. The model is just the bytes of every version; the
-invariants, checked after the cache's writes settle, tie policy, index and files together:
+(a new ETag), restart the cache on the same directory, damage page files behind its back
+(flip a byte, truncate, delete), drop versions and fail fetches. The model is just the bytes
+of every version; the invariants, checked after the cache's writes settle, tie policy, index
+and files together:
 
 - no read returns bytes other than the model's (an injected fetch failure may raise
   ``OriginError``, never return wrong bytes);
