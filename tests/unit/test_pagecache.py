@@ -763,6 +763,29 @@ def test_free_space_floor_lowers_capacity(env: Env) -> None:
     check_settled(env, cache)
 
 
+def test_refused_page_buffer_is_bounded_in_bytes(env: Env) -> None:
+    """Refused pages are kept in a small in-memory buffer of ``unkept_pages`` pages. Each is
+    a memoryview of its whole fetched run, so the buffer must not keep whole runs alive
+    through one page each: reading R-page runs that are all refused while re-reading page 0
+    of recent objects (a hot header) pins one run per hot page, R times the bound."""
+    runs, buffered = 4, 8
+    objects = [env.source.put(f"o{k}", random_bytes(runs * P, 100 + k)) for k in range(12)]
+    cache = env.open(capacity_bytes=0, request_pages=runs, unkept_pages=buffered)
+    for k, v in enumerate(objects):
+        assert cache.read(v, 0, runs * P) == env.source.objects[(v.key, v.etag)]
+        settle(cache)
+        for hot in objects[max(0, k + 1 - (buffered - runs)):k + 1]:
+            cache.read(hot, 0, 1)
+    assert env.source.call_count() == len(objects)  # the hot pages came from the buffer
+    with cache._lock:
+        results = [fut.result() for fut in cache._unkept.values()]
+    assert len(results) <= buffered
+    pinned = {id(getattr(r, "obj", r)): len(getattr(r, "obj", r)) for r in results}
+    assert sum(pinned.values()) <= buffered * P, (
+        f"{len(results)} buffered pages keep {sum(pinned.values()) / P:.0f} MiB alive "
+        f"in {len(pinned)} fetched runs")
+
+
 def test_unwritable_data_dir_reads_through(env: Env) -> None:
     data = random_bytes(3 * P, 43)
     v = env.source.put("x", data)
