@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import objfs.cache.pagecache as pagecache_module
 from objfs.cache.format import CHUNK_SIZE, HEADER_SIZE
 from objfs.cache.pagecache import PageCache, PageState
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion, byte_range, page_id
@@ -852,6 +853,35 @@ def test_page_written_but_not_indexed_is_an_orphan_after_restart(env: Env) -> No
     assert cache.state(v, 0) is PageState.MISSING
     assert cache.reconcile() == 1
     assert page_files(env.directory) == {}
+
+
+def test_reconcile_leaves_pages_being_written_alone(env: Env,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up reconcile pass runs in the background while readers already fetch and
+    store pages. A page's temp file, written but not yet renamed, belongs to a fetch: it is
+    no crash leftover and must survive the pass (else the rename fails, the page is not
+    kept and a disk error is reported for a healthy disk). Made deterministic by running the
+    pass just before the writer's rename."""
+    data = random_bytes(P, 50)
+    v = env.source.put("x", data)
+    cache = env.open()
+    real_os = pagecache_module.os
+
+    class OsWithReconcileBeforeRename:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_os, name)
+
+        def rename(self, src: str, dst: str) -> None:
+            cache.reconcile()
+            real_os.rename(src, dst)
+
+    monkeypatch.setattr(pagecache_module, "os", OsWithReconcileBeforeRename())
+    assert cache.read(v, 0, P) == data
+    settle(cache)
+    monkeypatch.undo()
+    assert env.metrics.get("cache_disk_errors_total") == 0
+    assert cache.state(v, 0) is PageState.READY
+    assert set(page_files(env.directory)) == {page_id(v, 0)}
 
 
 def test_background_reconcile_at_start(env: Env) -> None:
