@@ -36,7 +36,8 @@ def tail(text: str | bytes | None, lines: int = 15) -> str:
 
 
 def run(cmd: list[str], *, timeout: float, what: str, env: dict | None = None,
-        capture: bool = True, check: bool = True, stdout=None) -> tuple[subprocess.CompletedProcess, float]:
+        capture: bool = True, check: bool = True, stdout=None,
+        stderr=None) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``cmd`` with a hard timeout; return (completed process, wall seconds).
 
     A timeout kills the whole process group of the child and raises StepTimeout; a non-zero
@@ -44,8 +45,10 @@ def run(cmd: list[str], *, timeout: float, what: str, env: dict | None = None,
     """
     kwargs: dict = dict(env=env, start_new_session=True)
     if stdout is not None:
+        # a daemonizing child (s3fs, rclone --daemon) keeps inherited pipes open: give it the
+        # log file for stderr too, or communicate() waits for the daemon to exit
         kwargs["stdout"] = stdout
-        kwargs["stderr"] = subprocess.PIPE
+        kwargs["stderr"] = stderr if stderr is not None else subprocess.PIPE
     elif capture:
         kwargs["stdout"] = subprocess.PIPE
         kwargs["stderr"] = subprocess.PIPE

@@ -117,18 +117,18 @@ class FuseClient:
         with open(log_path, "ab") as logf:
             logf.write(("$ " + " ".join(cmd) + "\n").encode())
             logf.flush()
+            offset = logf.tell()
             try:
                 cp, _ = run(cmd, timeout=self.mount_timeout, what=f"{self.name} mount",
-                            stdout=logf, check=False, env=self.env())
+                            stdout=logf, stderr=logf, check=False, env=self.env())
             finally:
                 # a daemon that came up late (after a timeout) must still be found and stopped
                 self.pids_seen.update(self._find_pids(mp))
-            if cp.stderr:
-                logf.write(cp.stderr)
         if cp.returncode != 0:
-            raise StepError(f"{self.name} mount exit {cp.returncode}: "
-                            f"{(cp.stderr or b'').decode('utf-8', 'replace').strip()[-2000:]}"
-                            f" (log {log_path})")
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                out = f.read().decode("utf-8", "replace").strip()[-2000:]
+            raise StepError(f"{self.name} mount exit {cp.returncode}: {out} (log {log_path})")
         deadline = t0 + self.mount_timeout
         while not (is_fuse_mounted(mp) and statvfs_ok(mp)):
             if time.perf_counter() > deadline:

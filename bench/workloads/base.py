@@ -296,14 +296,15 @@ def daemon_peak_rss(pid: int) -> float | None:
         return None
 
 
-def fio_run(job: str, env: dict, timeout: float, what: str) -> dict:
+def fio_run(job: str, env: dict, timeout: float, what: str, readonly: bool = False) -> dict:
     """Run ``fio --output-format=json bench/fio/<job>`` with ``env`` (BENCH_FILE...). Returns
     the (group-reported) job's figures: ``read``/``write`` each with bytes, MBps, iops,
     clat_p50_ms, clat_p99_ms; ``runtime_s``. A failed job raises RowFailure naming the errno
     (``failed: EROFS``)."""
     import json as _json
     from bench.common import BENCH_DIR
-    cmd = ["fio", "--output-format=json", str(BENCH_DIR / "fio" / job)]
+    cmd = ["fio", "--output-format=json", *(["--readonly"] if readonly else []),
+           str(BENCH_DIR / "fio" / job)]
     try:
         cp, secs = run(cmd, timeout=timeout, what=what, env={**os.environ, **env}, check=False)
     except StepError as e:  # a timeout

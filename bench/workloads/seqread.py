@@ -62,7 +62,7 @@ class SeqreadWorkload(ContenderWorkload):
 
     def _fio(self, path, what: str) -> float:
         r = fio_run("seqread.fio", {"BENCH_FILE": str(path), "BENCH_SIZE": str(self.ds.size)},
-                    self.sizes.step_timeout, what)
+                    self.sizes.step_timeout, what, readonly=True)
         return r["read"]["MBps"]
 
     def measure(self, name: str, rec: RunRecord) -> None:
@@ -93,7 +93,8 @@ class SeqreadWorkload(ContenderWorkload):
             self.ctx.origin.rewarm([obj])
             cpu0 = proc_cpu_s(mnt.pid)
             self.row(rec, name, "cold_MBps", lambda: self._fio(path, f"{name} cold fio"))
-            rec.metrics[f"{name}.cold_cpu_s"] = proc_cpu_s(mnt.pid) - cpu0
+            if f"{name}.cold_MBps" in rec.metrics:
+                rec.metrics[f"{name}.cold_cpu_s"] = proc_cpu_s(mnt.pid) - cpu0
             if not self.emulated:
                 drop_caches()
                 self.row(rec, name, "warm_MBps", lambda: self._fio(path, f"{name} warm fio"))
@@ -107,4 +108,4 @@ class SeqreadWorkload(ContenderWorkload):
             self.log(f"  {name}: cold {m.get(f'{name}.cold_MBps', 0):.0f}, warm "
                      f"{m.get(f'{name}.warm_MBps', 0):.0f}, re-read "
                      f"{m.get(f'{name}.reread_MBps', 0):.0f} MB/s; CPU "
-                     f"{m[f'{name}.cold_cpu_s']:.1f} s; RSS {rss or 0:.0f} MiB")
+                     f"{m.get(f'{name}.cold_cpu_s', 0):.1f} s; RSS {rss or 0:.0f} MiB")
