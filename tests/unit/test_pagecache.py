@@ -371,7 +371,7 @@ def test_short_answer_from_source_is_an_error(env: Env) -> None:
 
 
 def test_fetch_timeout(env: Env) -> None:
-    env.source.latency_s = 1.0
+    env.source.latency_s = 0.3
     v = env.source.put("x", random_bytes(100, 12))
     cache = env.open(fetch_timeout_s=0.05)
     with pytest.raises(OriginError, match="timed out") as info:
