@@ -206,7 +206,8 @@ class PageCache:
                 continue
             for name in names:
                 try:
-                    pid = bytes.fromhex(name) if len(name) == 40 else None
+                    # "<40 hex>" or a temp file "<40 hex>.tmp<thread>" of a page being written
+                    pid = bytes.fromhex(name[:40]) if len(name) >= 40 else None
                 except ValueError:
                     pid = None
                 if pid is not None:
@@ -465,7 +466,10 @@ class PageCache:
                 for pid in settled:
                     fut = self._inflight.pop(pid, None)
                     if fut is not None and fut.done() and fut.exception() is None:
-                        self._unkept[pid] = fut
+                        # A copy: the fetched page is a view that pins its whole run.
+                        kept_copy: Future = Future()
+                        kept_copy.set_result(bytes(fut.result()))
+                        self._unkept[pid] = kept_copy
                         self._unkept.move_to_end(pid)
                 while len(self._unkept) > self._unkept_pages:
                     self._unkept.popitem(last=False)
