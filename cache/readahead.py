@@ -26,17 +26,18 @@ class ReadStream:
         self.next_offset = 0
         self.window_pages = self._initial
         self.ahead_until = 0  # page index up to which readahead was already issued
-        self._last_page = -1
+        self._last_page = -1  # the furthest page entered while sequential
 
     def observe(self, offset: int, size: int) -> int:
         """Record a read; return how many pages, from the read's first page on, to have."""
         page = offset // PAGE_SIZE
         if offset >= 0 and abs(offset - self.next_offset) <= _SLACK:
-            if page != self._last_page:  # grow once per page, not once per 128 KiB request
+            if page > self._last_page:  # grow once per new page, not per 128 KiB request
                 self.window_pages = min(self._max, self.window_pages * 2)
+                self._last_page = page
         else:
             self.window_pages = 1
             self.ahead_until = 0
-        self._last_page = page
+            self._last_page = page
         self.next_offset = offset + size
         return self.window_pages
