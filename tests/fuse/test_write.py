@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import stat
@@ -329,8 +330,17 @@ def test_daemon_memory_stays_within_the_write_buffer(s3, bucket, mount_rw):
         stop.set()
         sampler.join()
     growth = peak - idle
+    print(f"daemon RSS {idle / MiB:.0f} MiB idle, peak {peak / MiB:.0f} MiB writing "
+          f"{size // MiB} MiB with a {budget // MiB} MiB write buffer")
     assert growth < budget + 64 * MiB, f"RSS grew by {growth / MiB:.0f} MiB writing " \
                                        f"{size // MiB} MiB with a {budget // MiB} MiB budget"
+    result = run_objfs("stats", str(mount.path), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["upload_budget_limit_bytes"] == budget
+    assert metrics["upload_bytes"] >= size + PART + 1
+    assert metrics["upload_parts_total"] >= size // PART
+    assert metrics["upload_bytes_buffered"] == 0  # everything handed back after close
     body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
     got = hashlib.md5()
     for piece in body.iter_chunks(MiB):
@@ -585,6 +595,17 @@ def test_rename_of_files_and_directories(s3, bucket, mount_rw, mounter):
     mounter.remount(mount)
     assert sorted(os.listdir(root / "empty")) == ["sub", "x"]
     assert (root / "empty" / "x").read_bytes() == b"x"
+    # A file being written inside a directory that is renamed goes on under the new name.
+    os.mkdir(root / "open")
+    with open(root / "open" / "f.bin", "wb", buffering=0) as f:
+        f.write(b"1" * 100)
+        os.rename(root / "open", root / "renamed")
+        f.write(b"2" * 100)
+    assert sorted(os.listdir(root / "renamed")) == ["f.bin"]
+    assert not (root / "open").exists()
+    assert (root / "renamed" / "f.bin").read_bytes() == b"1" * 100 + b"2" * 100
+    assert origin(s3, bucket, "renamed/f.bin") == b"1" * 100 + b"2" * 100
+    assert not [k for k in origin_keys(s3, bucket) if k.startswith("open/")]
 
 
 def test_directory_rename_over_the_limit_is_exdev_and_mv_copies(s3, bucket, mount_rw):
