@@ -479,9 +479,13 @@ class Filesystem:
                 state.upload = state.staged = None
                 state.dirty = False
                 return
-            metadata = dict(state.metadata, mtime=self._metadata(0, 0, 0, state.mtime_ns)["mtime"])
+            # As set at create/open, updated by chmod/chown/utimens meanwhile (the object's own
+            # LastModified is the write time).
+            metadata = dict(state.metadata)
+            stale_metadata = False
             try:
                 if state.upload is not None:
+                    stale_metadata = not state.upload.set_metadata(metadata)
                     info = state.upload.finish()
                 elif state.staged is not None:
                     info = state.staged.upload(metadata)
@@ -496,6 +500,16 @@ class Filesystem:
                                    f"{exc}") from None
             state.upload = state.staged = None
             state.dirty = False
+            if stale_metadata:
+                # The multipart upload was created before a chmod/chown/utimens: put the
+                # attributes on the object now (server-side self-copy).
+                try:
+                    info = self.loop.run(self.store.copy_object(
+                        state.key, state.key, info.size, metadata, src_etag=info.etag))
+                    self.metrics.inc("write_metadata_copies_total")
+                except ObjfsError as exc:
+                    log.warning("%s: data published, attributes not stored in its metadata: %s",
+                                state.key, exc)
             state.etag, state.size = info.etag, info.size
             self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
                              mtime_ns=state.mtime_ns)

@@ -518,6 +518,18 @@ class SequentialUpload:
         self._metrics.inc("upload_completed_total")
         return info
 
+    def set_metadata(self, metadata: Mapping[str, str]) -> bool:
+        """Replace the object's user metadata (chmod/chown/utimens while writing). True if it
+        will be the published metadata; False once the multipart upload was created with the
+        old one (the caller then updates the object after ``finish``)."""
+        with self._order:
+            if dict(metadata) == self._metadata:
+                return True
+            if self._shipped:
+                return False
+            self._metadata = dict(metadata)
+            return True
+
     def abort(self) -> None:
         """Cancel: drop buffered bytes, stop parts in flight, abort the multipart upload.
         Nothing is published. A no-op once finished, failed or aborted."""
