@@ -39,6 +39,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _BLOCK_SIZE = 4 * MiB
 
 
+def _mtime_text(mtime_ns: int) -> str:
+    """Seconds with up to 9 decimals, as s3fs writes ``x-amz-meta-mtime``."""
+    return f"{mtime_ns // 10**9}.{mtime_ns % 10**9:09d}".rstrip("0").rstrip(".")
+
+
 def _error(message: str, code: int) -> ObjfsError:
     return ObjfsError(message, errno_value=code)
 
@@ -82,6 +87,9 @@ class WriteState:
     upload: SequentialUpload | None = None
     staged: StagedFile | None = None
     dirty: bool = False
+    wrote: bool = False     # write() called since the last publish: a flush publishes
+    mtime_explicit: bool = False  # utimens after the last write: its time is the mtime
+    upload_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     unlinked: bool = False
     handles: int = 0
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
@@ -157,7 +165,7 @@ class Filesystem:
         else:
             mode, uid, gid, size, nlink = stat.S_IFREG | c.file_mode, c.uid, c.gid, inode.size, 1
             state = self._writes.get(inode.ino)
-            if state is not None:
+            if state is not None and state.dirty:
                 size, mtime = state.size, state.mtime_ns
         set_here = self.tree.attrs(inode.ino)
         if set_here is not None:
@@ -166,7 +174,8 @@ class Filesystem:
                     stat.S_IFMT(mode) | set_here.mode
             uid = uid if set_here.uid is None else set_here.uid
             gid = gid if set_here.gid is None else set_here.gid
-            if set_here.mtime_ns is not None and inode.ino not in self._writes:
+            state = self._writes.get(inode.ino)
+            if set_here.mtime_ns is not None and (state is None or not state.dirty):
                 mtime = set_here.mtime_ns
         return Attributes(inode.ino, mode, nlink, uid, gid, size, mtime, PAGE_SIZE,
                           c.attr_timeout_s)
@@ -314,7 +323,7 @@ class Filesystem:
     def _metadata(self, mode: int, uid: int, gid: int, mtime_ns: int) -> dict[str, str]:
         """POSIX attributes as object metadata, named as s3fs names them."""
         return {"mode": str(mode), "uid": str(uid), "gid": str(gid),
-                "mtime": f"{mtime_ns / 1e9:.9f}".rstrip("0").rstrip(".")}
+                "mtime": _mtime_text(mtime_ns)}
 
     def _metadata_of(self, inode: Inode, mtime_ns: int | None = None) -> dict[str, str]:
         a = self.attributes(inode)
@@ -346,6 +355,7 @@ class Filesystem:
         self.tree.unpin(state.ino)
 
     def _new_upload(self, state: WriteState) -> SequentialUpload:
+        state.upload_metadata = dict(state.metadata)
         return SequentialUpload(self.store, self.loop, state.key, budget=self._budget,
                                 schedule=self._schedule,
                                 concurrency=self.config.upload_concurrency,
@@ -415,6 +425,8 @@ class Filesystem:
         # Racy without state.lock on the streaming path: size only grows there, and a lost
         # update of a larger value is repaired by the next write (writes are in order).
         state.dirty = True
+        state.wrote = True
+        state.mtime_explicit = False
         state.mtime_ns = self._clock()
         if end > state.size:
             state.size = end
@@ -448,15 +460,23 @@ class Filesystem:
             state.mtime_ns = self._clock()
 
     def flush(self, fh: int) -> None:
-        """close(2): publish the file if this is its last open write handle. The only place
-        an upload failure can reach the application (release's errors are not delivered)."""
+        """close(2): publish the file if this is its last open write handle and data was
+        written. The only place an upload failure can reach the application (release's
+        errors are not delivered), so a file with data is published here.
+
+        close(2) of every descriptor sends a flush, including the original descriptor that
+        dd and shell redirections close right after dup2-ing it, before writing anything.
+        Publishing then would put an empty object at the origin, replacing the previous
+        checkpoint for a while; so a handle that has not written anything since its last
+        publish leaves the (empty or truncated) file to ``release``, which comes when the
+        last descriptor is gone."""
         handle = self._handle(fh)
         state = handle.write
         if state is None:
             return
         with self._handles_lock:
             last = state.handles <= 1
-        if last:
+        if last and state.wrote:
             self._commit(state)
 
     def fsync(self, fh: int) -> None:
@@ -482,10 +502,19 @@ class Filesystem:
             # As set at create/open, updated by chmod/chown/utimens meanwhile (the object's own
             # LastModified is the write time).
             metadata = dict(state.metadata)
+            wrote = state.wrote
+            if wrote and not state.mtime_explicit:
+                metadata["mtime"] = _mtime_text(state.mtime_ns)
             stale_metadata = False
             try:
                 if state.upload is not None:
-                    stale_metadata = not state.upload.set_metadata(metadata)
+                    if not state.upload.set_metadata(metadata):
+                        # The multipart upload was created with older metadata: a changed
+                        # attribute is worth a self-copy, the write time alone is not.
+                        def essential(m: dict[str, str]) -> dict[str, str]:
+                            return m if state.mtime_explicit else \
+                                {k: v for k, v in m.items() if k != "mtime"}
+                        stale_metadata = essential(metadata) != essential(state.upload_metadata)
                     info = state.upload.finish()
                 elif state.staged is not None:
                     info = state.staged.upload(metadata)
@@ -494,12 +523,12 @@ class Filesystem:
             except ObjfsError as exc:
                 self.metrics.inc("write_commit_errors_total")
                 state.upload = state.staged = None
-                state.dirty = False
+                state.dirty = state.wrote = False
                 state.size, state.etag = self._origin_size_etag(state)
                 raise UploadFailed(f"upload of {state.key} failed, nothing was published: "
                                    f"{exc}") from None
             state.upload = state.staged = None
-            state.dirty = False
+            state.dirty = state.wrote = False
             if stale_metadata:
                 # The multipart upload was created before a chmod/chown/utimens: put the
                 # attributes on the object now (server-side self-copy).
@@ -511,8 +540,11 @@ class Filesystem:
                     log.warning("%s: data published, attributes not stored in its metadata: %s",
                                 state.key, exc)
             state.etag, state.size = info.etag, info.size
+            state.metadata = metadata
             self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
                              mtime_ns=state.mtime_ns)
+            if wrote and not state.mtime_explicit:
+                self.tree.set_attrs(state.ino, clear_mtime=True)
             self.metrics.inc("write_commits_total")
 
     def _origin_size_etag(self, state: WriteState) -> tuple[int, str]:
@@ -560,6 +592,8 @@ class Filesystem:
                 state.metadata.update(metadata)
                 if mtime_ns is not None:
                     state.mtime_ns = mtime_ns
+                    state.mtime_explicit = True
+                    state.metadata["mtime"] = _mtime_text(mtime_ns)
             return self.attributes(inode)
         key = self.config.store.prefix + inode.relpath
         if inode.is_dir:
@@ -724,6 +758,12 @@ class Filesystem:
                     src_etag=obj.etag or None))
             self.loop.run(self.store.delete_objects([obj.key for obj in keys]))
             self.tree.rename(src.ino, parent_new, name_new)
+            with self._handles_lock:
+                moved = [st for st in self._writes.values() if st.relpath.startswith(src.relpath)]
+            for state in moved:  # files still open below it now live under the new name
+                with state.lock:
+                    state.relpath = new_dir + state.relpath[len(src.relpath):]
+                    state.key = prefix + state.relpath
             self.metrics.inc("write_dir_renames_total")
             return
         if target is not None and target.is_dir:

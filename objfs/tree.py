@@ -296,9 +296,10 @@ class MetadataTree:
             raw = txn.get(_U64.pack(ino), db=self._attrs)
         return Attrs.decode(raw) if raw is not None else None
 
-    def set_attrs(self, ino: int, **changes: int | None) -> Attrs:
+    def set_attrs(self, ino: int, *, clear_mtime: bool = False, **changes: int | None) -> Attrs:
         """Merge ``changes`` (mode=, uid=, gid=, mtime_ns=; None leaves a field) into the
-        attributes recorded for ``ino``."""
+        attributes recorded for ``ino``; ``clear_mtime`` forgets a set mtime (the file was
+        written since: its own mtime counts again)."""
         key = _U64.pack(ino)
         with self._env.begin(write=True) as txn:
             if txn.get(key, db=self._inodes) is None:
@@ -307,6 +308,8 @@ class MetadataTree:
             current = Attrs.decode(raw) if raw is not None else Attrs()
             merged = dataclasses.replace(
                 current, **{k: v for k, v in changes.items() if v is not None})
+            if clear_mtime:
+                merged = dataclasses.replace(merged, mtime_ns=None)
             txn.put(key, merged.encode(), db=self._attrs)
         return merged
 
