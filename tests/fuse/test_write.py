@@ -257,6 +257,39 @@ def test_truncating_overwrite_of_a_cached_object_shows_the_new_bytes(s3, bucket,
     assert read_through(mount.path / "w.bin") == short
 
 
+
+def test_truncate_right_after_closing_an_unwritten_file_is_kept(s3, bucket, proxy, mount_rw):
+    """`touch f; truncate -s 398 f`: the empty file is published by the release that follows
+    its close (asynchronously: close(2) does not wait for it); a truncate arriving while
+    that release is uploading must not be lost. The PUT is held for a second so the
+    truncate always lands in that window."""
+    mount = mount_rw()
+    path = mount.path / "touched"
+    proxy.delay_next("put", 1, 1.0)
+    open(path, "ab").close()  # created, nothing written
+    os.truncate(path, 398)
+    assert os.stat(path).st_size == 398
+    assert read_through(path) == b"\0" * 398
+    wait_for(lambda: proxy.inflight["put"] == 0, what="the PUTs to finish")
+    assert origin(s3, bucket, "touched") == b"\0" * 398
+
+
+def test_unlink_right_after_closing_an_unwritten_file_leaves_no_object(s3, bucket, proxy,
+                                                                       mount_rw, mounter):
+    """`touch lock; rm lock`: the unlink arrives while the release that publishes the empty
+    file is uploading it (held for a second); the object must not outlive the file."""
+    mount = mount_rw()
+    proxy.delay_next("put", 1, 1.0)
+    open(mount.path / "lock", "ab").close()
+    os.unlink(mount.path / "lock")
+    assert os.listdir(mount.path) == []
+    wait_for(lambda: proxy.inflight["put"] == 0, what="the PUTs to finish")
+    assert origin_keys(s3, bucket) == []
+    mounter.remount(mount)
+    result = run_objfs("refresh", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(mount.path) == []
+
 # ---- 2. concurrent writers -------------------------------------------------------------------
 
 def test_files_written_concurrently_are_all_correct(s3, bucket, proxy, mount_rw):
