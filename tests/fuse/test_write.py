@@ -290,6 +290,21 @@ def test_unlink_right_after_closing_an_unwritten_file_leaves_no_object(s3, bucke
     assert result.returncode == 0, result.stderr
     assert os.listdir(mount.path) == []
 
+
+def test_chmod_right_after_closing_an_unwritten_file_reaches_the_object(s3, bucket, proxy,
+                                                                        mount_rw):
+    """`touch f; chmod 600 f`, the chmod arriving while the release publishes the empty
+    file (PUT held for a second): the mode must end up on the object."""
+    mount = mount_rw()
+    path = mount.path / "private"
+    proxy.delay_next("put", 1, 1.0)
+    open(path, "ab").close()
+    os.chmod(path, 0o600)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    wait_for(lambda: proxy.inflight["put"] == 0 and proxy.inflight["copy"] == 0,
+             what="the PUTs to finish")
+    assert meta(s3, bucket, "private")["mode"] == str(stat.S_IFREG | 0o600)
+
 # ---- 2. concurrent writers -------------------------------------------------------------------
 
 def test_files_written_concurrently_are_all_correct(s3, bucket, proxy, mount_rw):
