@@ -207,10 +207,11 @@ def test_large_file_streams_out_as_8_MiB_parts(writer, s3, bucket, proxy, mount_
     assert proxy.requests["create_multipart"] == 1
     assert proxy.requests["complete_multipart"] == 1
     assert proxy.requests["abort_multipart"] == 0
-    mounter.remount(mount)
-    assert md5(read_through(mount.path / "large.bin")) == md5(data)
     # Nothing but the parts: no PUT (dd closes a dup of its output descriptor before writing).
     assert proxy.requests["put"] == 0
+    if writer == "python":  # the read path after a remount does not depend on the writer
+        mounter.remount(mount)
+        assert md5(read_through(mount.path / "large.bin")) == md5(data)
 
 
 def test_object_appears_only_at_close(s3, bucket, proxy, mount_rw):

@@ -216,7 +216,7 @@ def test_mount_behaves_like_a_local_directory(model_mount, tmp_path) -> None:
     MountVsLocal.mount, MountVsLocal.s3, MountVsLocal.bucket = mount, s3, bucket
     MountVsLocal.local_root = local
     run_state_machine_as_test(MountVsLocal, settings=settings(
-        max_examples=40, stateful_step_count=25, deadline=None, phases=_PHASES,
+        max_examples=30, stateful_step_count=25, deadline=None, phases=_PHASES,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.function_scoped_fixture]))
