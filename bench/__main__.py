@@ -16,7 +16,7 @@ from bench import deps
 from bench.machine import machine_info
 from bench.netem import EmulatedNetwork
 from bench.origin import Origin, seaweed_version
-from bench.report import RunRecord, WorkloadResult, markdown, write_results
+from bench.report import RunRecord, WorkloadResult, markdown, summary_table, write_results
 from bench.workloads import WORKLOADS
 from bench.workloads.base import Sizes
 
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=sorted(WORKLOADS), metavar="NAME",
                    help=f"run only this workload (repeatable); one of {', '.join(WORKLOADS)}")
     p.add_argument("--runs", type=int, default=None,
-                   help="runs per workload (default 3; 1 with --smoke)")
+                   help="runs per workload in the loopback mode (default: each workload's own "
+                        "count, 2-3, chosen so the full run takes ~40 min here; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="small sizes and 1 run: the whole harness in a few minutes")
     p.add_argument("--objects", type=int, default=None,
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="network modes: loopback as is, the emulated object-store network "
                         "(bench/netem.py; root), or both (default)")
     p.add_argument("--emulated-runs", type=int, default=None,
-                   help="runs per workload in the emulated mode (default: --runs)")
+                   help="runs per workload in the emulated mode (default 1)")
     p.add_argument("--rate-mbit", type=float, default=400,
                    help="emulated per-connection bandwidth, each way (default 400 = 50 MB/s)")
     p.add_argument("--delay-ms", type=float, default=20,
@@ -80,15 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep each run's cache dir and logs even when the run succeeded")
     a = p.parse_args(argv)
     sizes = Sizes.smoke() if a.smoke else Sizes()
-    if a.runs is None:
-        a.runs = 1 if a.smoke else 3
+    if a.runs is None and a.smoke:
+        a.runs = 1
     if a.objects is None:
         a.objects = sizes.listing_objects
     if a.timeout is None:
         a.timeout = sizes.step_timeout
     if a.emulated_runs is None:
-        a.emulated_runs = a.runs
-    if a.runs < 1 or a.objects < 1 or a.emulated_runs < 1:
+        a.emulated_runs = 1
+    if (a.runs is not None and a.runs < 1) or a.objects < 1 or a.emulated_runs < 1:
         p.error("--runs, --emulated-runs and --objects must be >= 1")
     from bench.mounts import CONTENDERS
     a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
@@ -168,11 +169,12 @@ def _run_mode(ctx: Context, mode: str, names: list[str], results: list[WorkloadR
     full speed, before the emulated network is on), then the runs."""
     args = ctx.args
     ctx.mode = mode
-    runs = args.runs if mode == "loopback" else args.emulated_runs
     todo = []
     for name in names:
         cls = WORKLOADS[name]
-        if mode not in cls.modes:
+        # a workload runs in the modes it supports when asked for by name (--only), and in
+        # its default modes when everything runs
+        if mode not in (cls.modes if args.only else cls.default_modes):
             continue
         w = cls(ctx)
         res = WorkloadResult(name, w.description, w.metrics, mode=mode)
@@ -204,6 +206,10 @@ def _run_mode(ctx: Context, mode: str, names: list[str], results: list[WorkloadR
     try:
         for w, res in todo:
             res.settings = w.settings()
+            if mode == "loopback":
+                runs = args.runs or w.full_runs
+            else:
+                runs = args.emulated_runs
             try:
                 for i in range(1, runs + 1):
                     ctx.log(f"== [{mode}] {res.name}: run {i}/{runs}")
@@ -249,18 +255,38 @@ def _markdown_doc(header: dict, results: list[WorkloadResult]) -> str:
     lines = [f"## objfs bench — {header['started_at']}", ""]
     if m:
         deps = ", ".join(f"{k} {v}" for k, v in m.get("objfs_deps", {}).items())
+        peers = m.get("peers", {})
+        git = m.get("git", {})
         lines += [f"machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), "
                   f"{m.get('memory_gib')} GiB, kernel {m.get('kernel')}, {m.get('os')}, "
                   f"python {m.get('python')}",
-                  f"software: objfs {m.get('objfs')} ({deps}); SeaweedFS {m.get('seaweedfs')}; "
-                  f"s5cmd {m.get('s5cmd')}", ""]
+                  f"software: objfs {m.get('objfs')} (git {str(git.get('commit'))[:10]}"
+                  f"{', dirty tree' if git.get('dirty') else ''}; {deps}); "
+                  f"SeaweedFS {m.get('seaweedfs')}; s5cmd {m.get('s5cmd')}; "
+                  f"{peers.get('s3fs', 's3fs ?')}; {peers.get('rclone', 'rclone ?')}; "
+                  f"{peers.get('fio', 'fio ?')}", ""]
     o = header.get("origin")
     if o:
         lines += [f"origin: {o['server']} at {o['endpoint']} ({o['impl']})", ""]
-    lines += [f"settings: runs={s['runs']}, objects={s['objects']}, timeout={s['timeout_s']} s, "
-              f"mount args={s['mount_args'] or 'none'}; each figure is the {s['figure']}", ""]
+    net = header.get("netem")
+    if net:
+        lines += [f"emulated network: {net['per_connection_rate_MBps']:g} MB/s per connection "
+                  f"each way ({net['classes_per_direction']} HTB classes per direction on lo), "
+                  f"+{net['request_delay_ms']:g} ms on every request and SYN (NFQUEUE delay "
+                  f"process, {net.get('delay_cpu_s_total', 0):.1f} s CPU in total)"
+                  + (" — **the delay process died during the run**"
+                     if net.get("delay_process_died") else ""), ""]
+    runs = ", ".join(f"{r.title} {len(r.runs)}" for r in results)
+    lines += [f"settings: runs per workload: {runs}; objects={s['objects']}, "
+              f"timeout={s['timeout_s']} s per step, objfs mount args="
+              f"{s['mount_args'] or 'none'}; each figure is the {s['figure']}", ""]
     if header.get("error"):
         lines += [f"**harness error**: {header['error']}", ""]
+    summ = summary_table(results)
+    if summ:
+        lines += ["### Summary", "", *summ, "",
+                  "Cells: median (min–max) over the runs; ratio columns: objfs / peer per run, "
+                  "median. Details, all figures and failures per workload below.", ""]
     for r in results:
         lines.append(markdown(r))
     return "\n".join(lines)

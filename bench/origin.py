@@ -190,7 +190,11 @@ class Origin:
         self.server.start(timeout=90)
         self.log(f"origin: {self.endpoint} pid {self.server.pid} ready in "
                  f"{time.perf_counter() - t0:.1f} s")
-        self.ensure_bucket()
+        try:
+            self.ensure_bucket()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -224,12 +228,22 @@ class Origin:
                    stdout=stdout)
 
     def rewarm(self, keys: list[str], timeout: float = 600) -> float:
-        """Read ``keys`` once through the S3 server (s5cmd cat to /dev/null), so that the
-        server's volume files are in the page cache and a following cold read measures the
-        client, not SeaweedFS's disk reads. Returns seconds."""
+        """Read ``keys`` once through the S3 server, so that the server's volume files are in
+        the page cache and a following cold read measures the client, not SeaweedFS's disk
+        reads. A key is one object (``s5cmd cat`` to /dev/null, 8 ranged GETs in flight) or a
+        wildcard (``s5cmd cp`` of the matching objects into tmpfs, in parallel, then deleted).
+        Returns seconds."""
         t0 = time.perf_counter()
-        with open(os.devnull, "wb") as devnull:
-            for key in keys:
+        for key in keys:
+            if "*" in key:
+                tmp = Path("/dev/shm") / f"objfs-bench-rewarm-{os.getpid()}"
+                try:
+                    self.s5cmd("cp", f"s3://{BUCKET}/{key}", f"{tmp}/", timeout=timeout,
+                               what="s5cmd cp (rewarm)", stdout=subprocess.DEVNULL)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                continue
+            with open(os.devnull, "wb") as devnull:
                 self.s5cmd("cat", "--concurrency", "8", "--part-size", "16",
                            f"s3://{BUCKET}/{key}", timeout=timeout, what="s5cmd cat (rewarm)",
                            stdout=devnull)

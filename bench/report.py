@@ -14,6 +14,7 @@ class Metric:
     label: str
     unit: str
     digits: int = 2
+    summary: bool = False  # also a row of the summary table at the top
 
 
 @dataclass
@@ -112,6 +113,35 @@ def matrix_table(res: WorkloadResult) -> list[str]:
             f = figs.get(f"{base}/{p}.{m.key}", {})
             row.append(cell({**f, "failures": {}}, 2, "×") if f.get("n") else "—")
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+SUMMARY_COLUMNS = ("objfs", "s3fs", "rclone", "s5cmd", "local", "boto3")
+
+
+def summary_table(results: list[WorkloadResult]) -> list[str]:
+    """One table of the key figures of every contender workload (both network modes):
+    contenders and baselines as columns, then objfs/s3fs and objfs/rclone."""
+    mats = [r for r in results if r.matrix and r.runs]
+    if not mats:
+        return []
+    present = [c for c in SUMMARY_COLUMNS if any(c in r.matrix["columns"] for r in mats)]
+    peers = [p for p in ("s3fs", "rclone") if p in present and "objfs" in present]
+    head = ["workload", "figure", *present, *(f"objfs/{p}" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in mats:
+        figs = r.figures()
+        for m in r.matrix["figures"]:
+            if not m.summary:
+                continue
+            row = [r.title, f"{m.label} ({m.unit})"]
+            for c in present:
+                row.append(cell(figs[f"{c}.{m.key}"], m.digits)
+                           if c in r.matrix["columns"] else "")
+            for p in peers:
+                f = figs.get(f"objfs/{p}.{m.key}", {})
+                row.append(cell({**f, "failures": {}}, 2, "×") if f.get("n") else "—")
+            lines.append("| " + " | ".join(row) + " |")
     return lines
 
 

@@ -29,15 +29,17 @@ class Sizes:
     epochs: int = 3
     small_count: int = 10_000      # 10,000 x 128 KiB files
     small_size: int = 128 * 1024
+    emulated_small_count: int = 1000  # the first 1,000 of them with the emulated network
     write_size: int = 2 * GiB      # the checkpoint
-    rand_seconds: float = 20       # each fio random-read job
+    rand_seconds: float = 10       # each fio random-read job
     listing_objects: int = 100_000
     step_timeout: float = 900      # any single measured step
 
     @classmethod
     def smoke(cls) -> "Sizes":
         return cls(seq_size=128 * MiB, seq_count=4, epoch_files=16, epoch_cache=64 * MiB,
-                   small_count=500, write_size=128 * MiB, rand_seconds=4,
+                   small_count=500, emulated_small_count=200, write_size=128 * MiB,
+                   rand_seconds=4,
                    listing_objects=2000, step_timeout=300)
 
     def to_json(self) -> dict:
@@ -53,7 +55,9 @@ class Workload:
     name = "?"
     description = ""
     metrics: list = []
-    modes: tuple[str, ...] = ("loopback",)  # network modes it runs in
+    modes: tuple[str, ...] = ("loopback",)  # network modes it can run in
+    default_modes: tuple[str, ...] = ("loopback",)  # ... and runs in when all workloads run
+    full_runs = 3  # runs in the loopback mode unless --runs says otherwise
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -171,6 +175,7 @@ class ContenderWorkload(Workload):
     baselines: tuple[str, ...] = ()
     base = "objfs"
     modes = ("loopback", "emulated")
+    default_modes = ("loopback", "emulated")
     # In the emulated mode, baselines that do not touch the network (local disk) and figures
     # that do not depend on it (warm reads from the client's disk, kernel re-reads) are left
     # out: they would repeat the loopback figures.

@@ -35,8 +35,10 @@ class NetcalWorkload(Workload):
     description = ("The network as a client sees it (raw HTTP GETs to the origin): one stream, "
                    "16 streams, time to first byte; and the emulation's own CPU.")
     metrics = [
-        Metric("one_stream_MBps", "1 connection, one GET of 256 MiB (less with --smoke)", "MB/s", 1),
-        Metric("streams16_MBps", "16 connections at once, one GET of 64 MiB each (less with --smoke)", "MB/s", 0),
+        Metric("one_stream_MBps", "1 connection, one GET of 256 MiB (less with --smoke)",
+               "MB/s", 1),
+        Metric("streams16_MBps", "16 connections at once, one GET of 64 MiB each (less with "
+               "--smoke)", "MB/s", 0),
         Metric("ttfb_ms", "time to first byte, kept-alive connection (median of 30)", "ms", 2),
         Metric("ttfb_p90_ms", "time to first byte, p90 of 30", "ms", 2),
         Metric("connect_ttfb_ms", "new connection + first byte (median of 10)", "ms", 2),

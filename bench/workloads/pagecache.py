@@ -57,6 +57,7 @@ def _epoch_metrics() -> list[Metric]:
 
 class PagecacheWorkload(Workload):
     name = "pagecache"
+    full_runs = 2
     description = ("objfs page cache (issue 3): cold / warm / kernel re-read of the 1 GiB "
                    "object vs `cat` from local disk; lru vs uniform hit ratios on a shuffled "
                    "3-epoch read of a dataset twice the cache; daemon RSS reading 4 GiB.")

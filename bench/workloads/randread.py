@@ -33,9 +33,9 @@ class RandreadWorkload(ContenderWorkload):
                    "reaches the daemon), time-bounded, starting cold (empty client cache, "
                    "origin warm).")
     figures = [
-        Metric("r4k_iops", "random 4 KiB reads", "IOPS", 0),
+        Metric("r4k_iops", "random 4 KiB reads", "IOPS", 0, summary=True),
         Metric("r4k_p99_ms", "random 4 KiB: p99 latency", "ms", 2),
-        Metric("r128k_MBps", "random 128 KiB reads", "MB/s", 0),
+        Metric("r128k_MBps", "random 128 KiB reads", "MB/s", 0, summary=True),
         Metric("r128k_p99_ms", "random 128 KiB: p99 latency", "ms", 2),
         Metric("peak_rss_mib", "daemon peak RSS (VmHWM)", "MiB", 0),
     ]

@@ -32,11 +32,12 @@ class SeqreadWorkload(ContenderWorkload):
                    "cache, kernel cache dropped, origin warm), warm (client's disk cache, kernel "
                    "cache dropped), re-read (kernel page cache).")
     figures = [
-        Metric("cold_MBps", "cold sequential read", "MB/s", 0),
-        Metric("warm_MBps", "warm read (client disk cache; kernel cache dropped)", "MB/s", 0),
-        Metric("reread_MBps", "re-read (kernel page cache)", "MB/s", 0),
+        Metric("cold_MBps", "cold sequential read", "MB/s", 0, summary=True),
+        Metric("warm_MBps", "warm read (client disk cache; kernel cache dropped)",
+               "MB/s", 0, summary=True),
+        Metric("reread_MBps", "re-read (kernel page cache)", "MB/s", 0, summary=True),
         Metric("cold_cpu_s", "daemon CPU for the cold read", "s", 2),
-        Metric("peak_rss_mib", "daemon peak RSS (VmHWM)", "MiB", 0),
+        Metric("peak_rss_mib", "daemon peak RSS (VmHWM)", "MiB", 0, summary=True),
     ]
     baselines = ("s5cmd", "local")
     emulated_baselines = ("s5cmd",)
