@@ -40,6 +40,7 @@ class RandreadWorkload(ContenderWorkload):
         Metric("peak_rss_mib", "daemon peak RSS (VmHWM)", "MiB", 0),
     ]
     baselines = ("local",)
+    full_runs = 2
     emulated_baselines = ()
 
     def __init__(self, ctx):
