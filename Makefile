@@ -16,7 +16,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OBJFS := $(VENV)/bin/objfs
 STAMP := $(VENV)/.objfs-installed
-APT_PACKAGES := fuse3 libfuse-dev pkg-config fio
+APT_PACKAGES := fuse3 libfuse-dev pkg-config fio git rsync
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 RUN_DIR := .objfs-run

@@ -341,8 +341,10 @@ class Filesystem:
         return state
 
     def _forget_write(self, state: WriteState) -> None:
-        with self._handles_lock:
-            if state.handles > 0 or self._writes.get(state.ino) is not state:
+        """Drop the state of a file nobody has open any more. A state that became dirty
+        again (a truncate racing the last release) stays for whoever made it dirty."""
+        with state.lock, self._handles_lock:
+            if state.handles > 0 or state.dirty or self._writes.get(state.ino) is not state:
                 return
             del self._writes[state.ino]
         with state.lock:
@@ -566,16 +568,15 @@ class Filesystem:
         if size is not None:
             if inode.is_dir:
                 raise _error("is a directory", errno.EISDIR)
-            with self._handles_lock:
-                pending = self._writes.get(ino)
-            state = pending or self._write_state(inode)
+            state = self._write_state(inode)
             try:
                 self._truncate(state, size)
-                if pending is None:  # truncate(2) on a path: publish now
+                with self._handles_lock:
+                    unopened = state.handles == 0
+                if unopened:  # truncate(2) with no descriptor open: publish now
                     self._commit(state)
             finally:
-                if pending is None:
-                    self._forget_write(state)
+                self._forget_write(state)
         if mode is None and uid is None and gid is None and mtime_ns is None:
             return self.attributes(self.tree.get(ino))
         if mode is not None:
@@ -585,16 +586,19 @@ class Filesystem:
         metadata = self._metadata_of(inode)
         with self._handles_lock:
             state = self._writes.get(ino)
-        if state is not None and state.dirty:
-            # Goes out with the pending upload (recorded here at once; on the object at its
-            # next upload when the multipart upload already started).
+        if state is not None:
+            # Decided under the state's lock: a publish in progress (a release racing this
+            # call) holds it, and afterwards the file is clean and takes the path below.
             with state.lock:
-                state.metadata.update(metadata)
-                if mtime_ns is not None:
-                    state.mtime_ns = mtime_ns
-                    state.mtime_explicit = True
-                    state.metadata["mtime"] = _mtime_text(mtime_ns)
-            return self.attributes(inode)
+                if state.dirty:  # goes out with the pending upload
+                    state.metadata.update(metadata)
+                    if mtime_ns is not None:
+                        state.mtime_ns = mtime_ns
+                        state.mtime_explicit = True
+                        state.metadata["mtime"] = _mtime_text(mtime_ns)
+                    return self.attributes(inode)
+            inode = self.tree.get(ino)
+            metadata = self._metadata_of(inode)
         key = self.config.store.prefix + inode.relpath
         if inode.is_dir:
             if inode.ino != ROOT_INO:
@@ -696,8 +700,9 @@ class Filesystem:
         with self._handles_lock:
             state = self._writes.get(inode.ino)
         if state is not None:
-            with state.lock:
+            with state.lock:  # waits for a publish in progress; none may follow
                 state.unlinked = True  # open handles keep writing into nothing
+            inode = self.tree.get(inode.ino)  # a racing publish may have given it an ETag
         if inode.etag:
             self.loop.run(self.store.delete_object(self.config.store.prefix + inode.relpath))
             self.cache.drop(self.version_of(inode))
