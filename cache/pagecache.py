@@ -56,8 +56,8 @@ from pathlib import Path
 
 import lmdb
 
-from objfs.cache.format import (CHUNK_SIZE, HEADER_SIZE, CorruptPage, decode_header,
-                                encode_header, verify_chunks)
+from objfs.cache.format import (CHUNK_SIZE, HEADER_SIZE, CorruptPage, PageHeader,
+                                decode_header, encode_header, verify_chunks)
 from objfs.cache.index import PageIndex
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion, coalesce, page_id, page_span
 from objfs.cache.policy import EvictionPolicy, make_policy
@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 
 _WARN_INTERVAL_S = 60.0
 _MAINTENANCE_INTERVAL_S = 2.0
+# Verified headers of READY pages, so a hit costs one pread of the chunks it returns (their
+# checksums still verified) instead of two preads and a header parse: ~45 of ~110 µs.
+# A page's bytes never change (its id names version and index), so an entry stays valid
+# while the page exists; it is dropped when the page goes.
+_HEADER_CACHE_ENTRIES = 16384
 
 
 class PageState(enum.Enum):
@@ -102,6 +107,7 @@ class PageCache:
         self.directory = directory
         self._pages_dir = directory / "data"
         self._pages_dir.mkdir(parents=True, exist_ok=True)
+        self._pages_dir_text = str(self._pages_dir)
         self._sources = sources
         self._loop = loop
         self._metrics = metrics
@@ -123,6 +129,7 @@ class PageCache:
         # would be fetched once per piece. Bounded LRU of done futures.
         self._unkept: OrderedDict[bytes, Future] = OrderedDict()  # guarded by _lock
         self._unkept_pages = unkept_pages
+        self._headers: dict[bytes, PageHeader] = {}  # pid -> verified header; see above
         # READY pages stored by readahead -> bytes of them not read yet (hit accounting)
         self._prefetched: dict[bytes, int] = {}           # guarded by _lock
         self._seq = 0                                     # guarded by _lock
@@ -324,11 +331,16 @@ class PageCache:
             self._disk_error("open", exc)
             return None
         try:
-            header = decode_header(os.pread(fd, HEADER_SIZE, 0))
-            if (header.index != index or header.key != version.key
-                    or header.etag != version.etag or header.bucket != version.bucket
-                    or header.length != version.page_length(index)):
-                raise CorruptPage("page file belongs to another page")
+            header = self._headers.get(pid)
+            if header is None:
+                header = decode_header(os.pread(fd, HEADER_SIZE, 0))
+                if (header.index != index or header.key != version.key
+                        or header.etag != version.etag or header.bucket != version.bucket
+                        or header.length != version.page_length(index)):
+                    raise CorruptPage("page file belongs to another page")
+                if len(self._headers) >= _HEADER_CACHE_ENTRIES:
+                    self._headers.clear()  # cheap and rare: re-reading headers is correct
+                self._headers[pid] = header
             first, stop = header.chunk_range(lo, hi)
             start = first * CHUNK_SIZE
             wanted = min(stop * CHUNK_SIZE, header.length) - start
@@ -512,7 +524,7 @@ class PageCache:
 
     def _path(self, pid: bytes) -> str:
         name = pid.hex()
-        return os.path.join(self._pages_dir, name[:2], name)
+        return f"{self._pages_dir_text}/{name[:2]}/{name}"
 
     def _write_page(self, pid: bytes, header: bytes, page: memoryview) -> None:
         path = self._path(pid)
@@ -544,6 +556,7 @@ class PageCache:
                 return  # being refetched already
             known = self._policy.remove(pid)
             self._touched.pop(pid, None)
+            self._headers.pop(pid, None)
         if known:
             self._metrics.inc(f"cache_pages_{reason}_total")
             self._remove_pages([pid], evicted=False)
@@ -557,6 +570,7 @@ class PageCache:
             for pid in pids:
                 self._touched.pop(pid, None)
                 self._prefetched.pop(pid, None)
+                self._headers.pop(pid, None)
         try:
             self._index.delete(pids)
         except lmdb.Error as exc:
