@@ -32,6 +32,7 @@ from bench.workloads.base import Workload, mbps
 class NetcalWorkload(Workload):
     name = "netcal"
     modes = ("loopback", "emulated")
+    default_modes = ("loopback", "emulated")
     description = ("The network as a client sees it (raw HTTP GETs to the origin): one stream, "
                    "16 streams, time to first byte; and the emulation's own CPU.")
     metrics = [
