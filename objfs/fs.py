@@ -160,12 +160,13 @@ class Filesystem:
         symlink) and, for a file being written, by its current size."""
         c = self.config
         mtime = inode.mtime_ns
+        state = self._writes.get(inode.ino)
+        pending = state is not None and state.dirty  # unpublished writes: their size and time
         if inode.kind is Kind.DIR:
             mode, uid, gid, size, nlink = stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE, 2
         else:
             mode, uid, gid, size, nlink = stat.S_IFREG | c.file_mode, c.uid, c.gid, inode.size, 1
-            state = self._writes.get(inode.ino)
-            if state is not None and state.dirty:
+            if pending:
                 size, mtime = state.size, state.mtime_ns
         set_here = self.tree.attrs(inode.ino)
         if set_here is not None:
@@ -174,8 +175,7 @@ class Filesystem:
                     stat.S_IFMT(mode) | set_here.mode
             uid = uid if set_here.uid is None else set_here.uid
             gid = gid if set_here.gid is None else set_here.gid
-            state = self._writes.get(inode.ino)
-            if set_here.mtime_ns is not None and (state is None or not state.dirty):
+            if set_here.mtime_ns is not None and not pending:
                 mtime = set_here.mtime_ns
         return Attributes(inode.ino, mode, nlink, uid, gid, size, mtime, PAGE_SIZE,
                           c.attr_timeout_s)
