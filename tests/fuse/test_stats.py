@@ -259,11 +259,13 @@ def test_metrics_addr_serves_prometheus_text_labelled_by_mount(s3, bucket, mount
     port = free_port()
     mount = mounter(f"s3://{bucket}", "--metrics-addr", f"127.0.0.1:{port}", path=mnt)
     assert (mount.path / secret_name).read_bytes() == b"x" * 5000
+    # The JSON first: the page is stored in the background after the read returns, and a
+    # counter may first appear between two scrapes; metrics never disappear afterwards.
+    snapshot = metrics_now(mount)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
-    snapshot = metrics_now(mount)
 
     families = list(text_string_to_metric_families(text))
     names = [f.name for f in families]
