@@ -134,11 +134,13 @@ class Refresher:
 
     def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float,
                  on_changed: Callable[[list[int]], None],
+                 on_changing: Callable[[list[int]], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._tree = tree
         self._store = store
         self._ttl_s = ttl_s
         self._on_changed = on_changed
+        self._on_changing = on_changing
         self._clock = clock
         self._stop = threading.Event()
         self._retry_at: float | None = None  # refresher thread only
@@ -172,7 +174,8 @@ class Refresher:
             yield page
 
     def refresh_now(self, scope: str = "") -> RefreshStats:
-        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed)
+        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed,
+                                   on_changing=self._on_changing)
         log.info("refreshed %s: %d objects listed, %d added, %d changed, %d removed, "
                  "%d invalid keys skipped in %.2fs", scope or "/", stats.objects, stats.added,
                  stats.changed, stats.removed, stats.skipped_invalid, stats.duration_s)
@@ -269,7 +272,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             stats = tree.refresh(store.list_pages())
             log.info("listed %d objects (%d invalid keys skipped) in %.2fs", stats.objects,
                      stats.skipped_invalid, time.monotonic() - started)
-        refresher = Refresher(tree, store, config.ttl_s, fs.changed)
+        refresher = Refresher(tree, store, config.ttl_s, fs.changed, fs.changing)
         refresher.start()
         metrics.gauge("tree_objects", tree.count)
         control = start_control(config, loop, metrics, fs, refresher, url)

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 DIR_SIZE = 4096
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _BLOCK_SIZE = 4 * MiB
+# An open waits at most this long for the kernel's pages of a replaced version to be dropped.
+_CHANGE_GATE_TIMEOUT_S = 30.0
 
 
 def _mtime_text(mtime_ns: int) -> str:
@@ -148,10 +150,15 @@ class Filesystem:
         # ino -> ETag last opened: a re-open of the same version is served from the kernel's
         # page cache (llfuse replies keep_cache), which the daemon never sees; count those.
         self._opened: cachetools.LRUCache[int, str] = cachetools.LRUCache(65536)  # _handles_lock
+        # ino -> set once the kernel no longer holds pages of its replaced version (changing).
+        self._changing: dict[int, threading.Event] = {}  # guarded by _handles_lock
         metrics.gauge("readahead_window_pages_max", self._largest_readahead_window)
         metrics.gauge("fuse_open_files", lambda: len(self._files))
-        # Set by the adapter: tell the kernel to drop cached pages/attrs of these inodes.
+        # Set by the adapter: tell the kernel to drop cached pages/attrs of these inodes,
+        # queued (safe inside a FUSE handler), or done by the time it returns (never call
+        # that one from a handler).
         self.invalidate_inodes: Callable[[list[int]], None] = lambda inos: None
+        self.invalidate_inodes_now: Callable[[list[int]], None] = lambda inos: None
 
     # ---- attributes ------------------------------------------------------------------------
 
@@ -236,35 +243,47 @@ class Filesystem:
     # ---- files -----------------------------------------------------------------------------
 
     def open(self, ino: int, flags: int) -> int:
-        inode = self.tree.get(ino)
-        if inode.is_dir:
-            raise _error("is a directory", errno.EISDIR)
-        if stat.S_ISLNK(self.attributes(inode).mode):
-            raise _error("a symlink (objfs does not follow it in open)", errno.ELOOP)
         write = None
-        if flags & _WRITE_FLAGS:
-            if self.config.read_only:
-                raise ReadOnly("read-only mount")
-            write = self._write_state(inode)
-            if flags & os.O_TRUNC:
-                self._truncate(write, 0)
-        version = self.version_of(inode)
-        fh = next(self._next_fh)
+        deadline = time.monotonic() + _CHANGE_GATE_TIMEOUT_S
+        while True:
+            self._wait_for_change(ino, deadline)
+            inode = self.tree.get(ino)
+            if inode.is_dir:
+                raise _error("is a directory", errno.EISDIR)
+            if stat.S_ISLNK(self.attributes(inode).mode):
+                raise _error("a symlink (objfs does not follow it in open)", errno.ELOOP)
+            if flags & _WRITE_FLAGS:
+                if self.config.read_only:
+                    raise ReadOnly("read-only mount")
+                write = self._write_state(inode)
+                if flags & os.O_TRUNC:
+                    self._truncate(write, 0)
+            version = self.version_of(inode)
+            with self._handles_lock:
+                if write is None and ino in self._changing:
+                    continue  # the version read above is being replaced: wait, read again
+                previous = self._opened.get(ino)
+                if write is None and previous == inode.etag:
+                    self.metrics.inc("read_kernel_cache_reopens_total")
+                self._opened[ino] = inode.etag
+                fh = next(self._next_fh)
+                self._files[fh] = FileHandle(inode, version, self.cache.new_stream(), write)
+                if write is not None:
+                    write.handles += 1
+            return fh
+
+    def _wait_for_change(self, ino: int, deadline: float) -> None:
+        """Hold an open while the refresher replaces the version of ``ino``: until the kernel's
+        pages of the old version are gone, keep_cache would serve them to the new handle next
+        to new bytes from the daemon."""
         with self._handles_lock:
-            previous = self._opened.get(ino)
-            if write is None and previous == inode.etag:
-                self.metrics.inc("read_kernel_cache_reopens_total")
-            self._opened[ino] = inode.etag
-            self._files[fh] = FileHandle(inode, version, self.cache.new_stream(), write)
-            if write is not None:
-                write.handles += 1
-        if previous is not None and previous != inode.etag and write is None:
-            # A new version of a file this host read before: make sure no page of the old one
-            # survives in the kernel (keep_cache). Not from inside this handler: the kernel
-            # may wait on it.
-            threading.Thread(target=self.invalidate_inodes, args=([ino],), daemon=True,
-                             name="objfs-invalidate").start()
-        return fh
+            gate = self._changing.get(ino)
+        if gate is None:
+            return
+        self.metrics.inc("fuse_open_waits_for_change_total")
+        if not gate.wait(max(0.0, deadline - time.monotonic())):
+            raise _error(f"inode {ino} is still being replaced by a newer version after "
+                         f"{_CHANGE_GATE_TIMEOUT_S:.0f}s", errno.EIO)
 
     def _largest_readahead_window(self) -> int:
         with self._handles_lock:
@@ -853,25 +872,44 @@ class Filesystem:
             pages += self.cache.drop(self.version_of(inode))
         return {"files": files, "pages_dropped": pages}
 
+    def changing(self, inos: list[int]) -> None:
+        """The tree is about to show new versions of these inodes (refresher thread, before
+        the listing's transaction commits). Opens of them wait until ``changed`` has dropped
+        the kernel's pages of the old versions, so a handle of a new version never reads
+        kernel-cached old bytes next to new bytes from the daemon."""
+        gate = threading.Event()
+        with self._handles_lock:
+            for ino in inos:
+                self._changing[ino] = gate
+
     def changed(self, inos: list[int]) -> None:
         """The tree saw these inodes change or disappear at the origin (refresher thread).
 
-        Open read handles of them go stale first (their reads are ESTALE from now on), then
-        reads already in progress are let finish, and only then are the kernel's cached pages
-        dropped: a read of the old version finishing after the invalidation would put old
-        bytes back, and llfuse's keep_cache would serve them to the next open.
+        Open read handles of them go stale first (their reads are ESTALE from now on), so
+        nothing puts old bytes back into the kernel's page cache; reads already in progress
+        are let finish; then the kernel's cached pages are dropped, synchronously (the kernel
+        also waits for pages still being filled). Opens held by ``changing`` go on only after
+        that: llfuse replies keep_cache, so pages left behind would be served to them next to
+        new bytes from the daemon. Every handle open at this point is of an old version: an
+        open that read the tree after ``changing`` waits, one that read it before is here.
         """
         wanted = set(inos)
-        with self._handles_lock:
-            for handle in self._files.values():
-                if handle.inode.ino in wanted and handle.write is None:
-                    handle.stale = True
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
+        try:
             with self._handles_lock:
-                busy = any(h.reading for h in self._files.values() if h.inode.ino in wanted)
-            if not busy:
-                break
-            time.sleep(0.01)
-        time.sleep(0.02)  # the last reply reaches the kernel after its handler returned
-        self.invalidate_inodes(inos)
+                for handle in self._files.values():
+                    if handle.inode.ino in wanted and handle.write is None:
+                        handle.stale = True
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                with self._handles_lock:
+                    busy = any(h.reading for h in self._files.values()
+                               if h.inode.ino in wanted)
+                if not busy:
+                    break
+                time.sleep(0.01)
+            self.invalidate_inodes_now(inos)
+        finally:
+            with self._handles_lock:
+                gates = {self._changing.pop(ino, None) for ino in inos}
+            for gate in gates - {None}:
+                gate.set()

@@ -14,6 +14,8 @@ import errno
 import logging
 import os
 import stat
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -90,20 +92,74 @@ def _entry(attrs: Attributes) -> llfuse.EntryAttributes:
     return entry
 
 
-class FuseOperations(llfuse.Operations):
-    def __init__(self, fs: Filesystem) -> None:
-        super().__init__()
-        self.fs = fs
-        fs.invalidate_inodes = self._invalidate_inodes
+# A notification written to /dev/fuse (include/uapi/linux/fuse.h): fuse_out_header
+# {len, error = notify code, unique = 0} then fuse_notify_inval_inode_out {ino, off, len}.
+_FUSE_NOTIFY_INVAL_INODE = 2
+_INVAL_INODE = struct.Struct("=IiQQqq")
 
-    def _invalidate_inodes(self, inos: list[int]) -> None:
-        # Called from the refresher thread, which never holds the llfuse lock.
+
+def fuse_device_fds() -> set[int]:
+    """Descriptors of /dev/fuse open in this process."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                fds.add(int(name))
+        except OSError:  # closed while we looked (the listing's own descriptor, for one)
+            continue
+    return fds
+
+
+class KernelCacheNotifier:
+    """Tells the kernel to drop the pages and attributes it caches of inodes.
+
+    ``llfuse.invalidate_inode`` only queues the request for a thread of llfuse's: it returns
+    before the kernel has dropped anything, so it cannot order "old pages gone" before "new
+    version visible". ``invalidate_now`` writes the notification to the FUSE device itself:
+    the kernel handles it inside the write(2), dropping the pages (and waiting for pages
+    being read to be unlocked) before the write returns. It must not run in a FUSE handler,
+    where a page lock held by a read that needs a worker could wait on us; handlers use
+    ``invalidate`` (queued), as libfuse advises.
+    """
+
+    def __init__(self) -> None:
+        self.device_fd: int | None = None  # set once mounted
+        self._warned = threading.Event()
+
+    def invalidate(self, inos: list[int]) -> None:
         for ino in inos:
             try:
                 llfuse.invalidate_inode(ino, attr_only=False)
             except OSError as exc:  # ENOENT: the kernel does not know the inode
                 if exc.errno != errno.ENOENT:
                     log.debug("invalidate_inode(%d): %s", ino, exc)
+
+    def invalidate_now(self, inos: list[int]) -> None:
+        fd = self.device_fd
+        if fd is None:
+            if not self._warned.is_set():
+                self._warned.set()
+                log.warning("no FUSE device descriptor found: kernel cache invalidation is "
+                            "asynchronous, so a reader may briefly see the old version of a "
+                            "file replaced at the origin")
+            self.invalidate(inos)
+            return
+        for ino in inos:
+            try:
+                os.write(fd, _INVAL_INODE.pack(_INVAL_INODE.size, _FUSE_NOTIFY_INVAL_INODE, 0,
+                                               ino, 0, 0))
+            except OSError as exc:  # ENOENT: the kernel does not know the inode
+                if exc.errno != errno.ENOENT:
+                    log.warning("dropping the kernel's cache of inode %d failed: %s", ino, exc)
+
+
+class FuseOperations(llfuse.Operations):
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.notifier = KernelCacheNotifier()
+        fs.invalidate_inodes = self.notifier.invalidate
+        fs.invalidate_inodes_now = self.notifier.invalidate_now
 
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
         with _errors("lookup", self.fs.metrics), llfuse.lock_released:
@@ -286,7 +342,11 @@ def serve(fs: Filesystem, mountpoint: str, options: set[str], workers: int,
     Returns the signal number that stopped the loop, or None if it was unmounted.
     """
     ops = FuseOperations(fs)
+    before = fuse_device_fds()
     llfuse.init(ops, mountpoint, options)
+    ours = fuse_device_fds() - before
+    if len(ours) == 1:
+        ops.notifier.device_fd = ours.pop()
     unmount = True
     try:
         if on_mounted is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import shutil
 import struct
@@ -106,6 +107,13 @@ class DirEntry:
     name: bytes
     ino: int
     kind: Kind
+
+
+def _announce(announced: list[int], on_changing: Callable[[list[int]], None],
+              inos: list[int]) -> None:
+    """Remember and pass on inodes about to show a new version (see ``refresh``)."""
+    announced.extend(inos)
+    on_changing(inos)
 
 
 @dataclasses.dataclass
@@ -411,12 +419,17 @@ class MetadataTree:
     # ---- refresh (writer) ------------------------------------------------------------------
 
     def refresh(self, pages: Iterable[list[ObjectInfo]], scope: str = "",
-                on_changed: Callable[[list[int]], None] | None = None) -> RefreshStats:
+                on_changed: Callable[[list[int]], None] | None = None,
+                on_changing: Callable[[list[int]], None] | None = None) -> RefreshStats:
         """Apply a complete flat listing of ``prefix + scope`` and sweep what it did not list.
 
         ``scope`` is '' (the whole mount) or a directory relpath ending with '/'. If the
         listing raises, nothing is swept (a partial listing never deletes entries).
-        ``on_changed`` receives inode numbers whose content version changed or went away.
+        ``on_changed`` receives inode numbers whose content version changed or went away,
+        after the tree shows it. ``on_changing`` receives those whose version changed just
+        before the tree shows it (inside the write transaction, so readers still see the old
+        version); every such call is followed by ``on_changed`` of the same inodes, even if
+        the commit fails.
         """
         if scope and not scope.endswith("/"):
             raise ValueError("scope must be '' or end with '/'")
@@ -426,7 +439,16 @@ class MetadataTree:
             stats = RefreshStats(scope=scope)
             gen = self._next_generation()
             for page in pages:
-                changed = self._apply_page(page, gen, stats)
+                announced: list[int] = []
+                try:
+                    changed = self._apply_page(
+                        page, gen, stats,
+                        before_commit=None if on_changing is None else
+                        functools.partial(_announce, announced, on_changing))
+                except BaseException:
+                    if announced and on_changed is not None:
+                        on_changed(announced)  # whoever waits on on_changing must go on
+                    raise
                 if changed and on_changed is not None:
                     on_changed(changed)
             removed = self._sweep(scope, gen, stats)
@@ -449,7 +471,8 @@ class MetadataTree:
         return gen
 
     def _apply_page(self, page: list[ObjectInfo], gen: int, stats: RefreshStats,
-                    respect_pins: bool = True) -> list[int]:
+                    respect_pins: bool = True,
+                    before_commit: Callable[[list[int]], None] | None = None) -> list[int]:
         changed: list[int] = []
         # Directories already stamped with this generation in this page: ordered listings touch
         # the same few ancestors over and over, so this saves most LMDB writes.
@@ -489,6 +512,8 @@ class MetadataTree:
                     next_ino = self._stamp_file(txn, parent, segments[-1], rel, obj, gen,
                                                 next_ino, stats, changed, respect_pins)
             txn.put(b"next_ino", _U64.pack(next_ino), db=self._meta)
+            if changed and before_commit is not None:
+                before_commit(changed)
         return changed
 
     # The refresh loop below works on raw record bytes: decoding and re-encoding an Inode per

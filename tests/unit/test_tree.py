@@ -315,6 +315,37 @@ def test_changed_etag_or_size_is_reported(tmp_path: Path) -> None:
     assert {p: resolve(tree, p).ino for p in inos} == inos
 
 
+def test_changing_is_announced_before_the_tree_shows_it_then_changed_after(
+        tmp_path: Path) -> None:
+    """The mount holds opens of a file between the two calls (fs.changing/changed): the
+    first must come while readers still see the old version, the second once they see the
+    new one."""
+    tree = open_tree(tmp_path)
+    refresh(tree, [obj("a", 1, '"e1"'), obj("b", 1, '"e1"')])
+    ino = resolve(tree, "a").ino
+    events: list[tuple[str, list[int], str]] = []
+    tree.refresh(iter([[obj("a", 1, '"e2"'), obj("b", 1, '"e1"')]]),
+                 on_changing=lambda inos: events.append(("changing", inos, tree.get(ino).etag)),
+                 on_changed=lambda inos: events.append(("changed", inos, tree.get(ino).etag)))
+    assert events == [("changing", [ino], '"e1"'), ("changed", [ino], '"e2"')]
+
+
+def test_changed_follows_changing_even_if_the_page_fails_to_apply(tmp_path: Path) -> None:
+    tree = open_tree(tmp_path)
+    refresh(tree, [obj("a", 1, '"e1"')])
+    ino = resolve(tree, "a").ino
+    changed: list[int] = []
+
+    def refuse(inos: list[int]) -> None:
+        raise OSError(errno.EIO, "refused")
+
+    with pytest.raises(OSError):
+        tree.refresh(iter([[obj("a", 1, '"e2"')]]), on_changing=refuse,
+                     on_changed=changed.extend)
+    assert changed == [ino]                  # whoever waits on on_changing is let go
+    assert resolve(tree, "a").etag == '"e1"'  # the page was not applied
+
+
 def test_deleted_keys_are_removed_and_reported(tmp_path: Path) -> None:
     tree = open_tree(tmp_path)
     refresh(tree, [obj("keep", 1), obj("gone", 1), obj("p/q/r", 1), obj("m/"), obj("m/x", 1)])
