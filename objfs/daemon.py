@@ -38,6 +38,7 @@ from objfs.metrics import Metrics
 from objfs.mounts import mounted_fstype
 from objfs.store import ObjectInfo, ObjectStore
 from objfs.tree import MetadataTree, RefreshStats
+from objfs.uploads import PendingUpload, UploadLedger
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,21 @@ def prepare_cache_dir(config: MountConfig) -> int:
     return fd
 
 
-def write_lock_owner(lock_fd: int) -> None:
+def write_lock_owner(lock_fd: int) -> bool:
+    """Write our pid into the lock file. Returns whether the previous daemon of this cache
+    dir stopped cleanly: a clean stop empties the file (``release_lock_owner``), so a pid
+    still there is a daemon that was killed or crashed."""
+    clean = os.fstat(lock_fd).st_size == 0
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    return clean
+
+
+def release_lock_owner(lock_fd: int) -> None:
+    try:
+        os.ftruncate(lock_fd, 0)
+    except OSError as exc:
+        log.warning("could not mark this stop as clean in the cache dir's lock file: %s", exc)
 
 
 def preflight(config: MountConfig) -> int:
@@ -239,11 +252,39 @@ def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, 
     return control
 
 
+def abort_leftover_uploads(store: ObjectStore, leftovers: list[PendingUpload],
+                           metrics: Metrics) -> int:
+    """Abort the multipart uploads a previous run of this mount started and never finished
+    (it was killed mid-write): their parts are stored, and billed, until aborted. Runs in a
+    background thread once mounted; an upload that cannot be aborted now keeps its record
+    for the next start. Returns how many were aborted."""
+    log.info("%d multipart upload(s) left unfinished by a previous run of this mount "
+             "(killed while writing?): aborting them; nothing of them was published",
+             len(leftovers))
+    aborted = 0
+    for upload in leftovers:
+        if upload.bucket != store.config.bucket:
+            log.warning("not aborting upload %s of s3://%s/%s: this mount is on bucket %s",
+                        upload.upload_id, upload.bucket, upload.key, store.config.bucket)
+            continue
+        try:
+            store.abort(upload.key, upload.upload_id)  # crosses out the record
+        except Exception as exc:  # noqa: BLE001 - the record stays; the next start retries
+            log.warning("could not abort the leftover upload of %s (%s): %s; trying again at "
+                        "the next start", upload.key, upload.upload_id, exc)
+            continue
+        aborted += 1
+        metrics.inc("upload_leftovers_aborted_total")
+        log.info("aborted the leftover multipart upload of %s (%s)", upload.key,
+                 upload.upload_id)
+    return aborted
+
+
 def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) -> int:
     """Serve the mount. ``ready(None)`` once mounted, ``ready(message)`` on a start-up error."""
     from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
 
-    write_lock_owner(lock_fd)
+    previous_stop_clean = write_lock_owner(lock_fd)
     metrics = Metrics()
     loop = EventLoopThread().start()
     store: ObjectStore | None = None
@@ -253,7 +294,9 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     control: ControlServer | None = None
     mounted = False
     try:
-        store = ObjectStore(config.store, loop, metrics=metrics)
+        ledger = UploadLedger(config.cache_dir / "uploads", config.store.bucket)
+        leftovers = ledger.pending()
+        store = ObjectStore(config.store, loop, metrics=metrics, uploads=ledger)
         store.check_access()
         tree = MetadataTree(config.cache_dir / "tree", prefix=config.store.prefix,
                             identity=config.store.identity, metrics=metrics)
@@ -266,7 +309,16 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             "user.objfs.endpoint": config.store.endpoint or "",
             "user.objfs.control": str(config.cache_dir / SOCKET_NAME),
         })
-        if tree.listed_at() is None:
+        if tree.listed_at() is not None and not previous_stop_clean:
+            # Files it was writing are in the tree but were never published: relist before
+            # serving, which sweeps them (and catches up with the origin).
+            log.warning("the previous daemon of %s did not stop cleanly (killed?): relisting "
+                        "%s before serving", config.cache_dir, url)
+            started = time.monotonic()
+            stats = tree.refresh(store.list_pages())
+            log.info("relisted %d objects (%d removed) in %.2fs", stats.objects, stats.removed,
+                     time.monotonic() - started)
+        elif tree.listed_at() is None:
             log.info("no complete metadata tree in %s: listing %s", config.cache_dir, url)
             started = time.monotonic()
             stats = tree.refresh(store.list_pages())
@@ -286,6 +338,9 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             mounted = True
             log.info("mounted %s at %s (pid %d)", url, config.mountpoint, os.getpid())
             ready(None)
+            if leftovers:
+                threading.Thread(target=abort_leftover_uploads, args=(store, leftovers, metrics),
+                                 name="objfs-leftovers", daemon=True).start()
 
         signum = fuse_adapter.serve(fs, str(config.mountpoint), options, config.fuse_workers,
                                     on_mounted=on_mounted)
@@ -319,3 +374,4 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
                   time.monotonic() - t2)
         if tree is not None and (refresher is None or refresher.stopped()):
             tree.close()  # else a refresh still writes to it; the process exit ends it
+        release_lock_owner(lock_fd)

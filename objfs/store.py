@@ -64,6 +64,7 @@ from objfs.errors import (
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.retry import Backoff
+from objfs.uploads import UploadLedger
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,11 @@ class ObjectStore:
 
     def __init__(self, config: StoreConfig, loop: EventLoopThread, *,
                  metrics: Metrics | None = None, session: boto3.Session | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 uploads: UploadLedger | None = None) -> None:
         self.config = config
+        # Where multipart uploads in progress are written down (see objfs.uploads).
+        self.uploads = uploads
         self._loop = loop
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -415,6 +419,10 @@ class ObjectStore:
         """Blocking bridge of ``copy_object``."""
         return self._loop.run(self.copy_object(src_key, dst_key, size, metadata, **kwargs))
 
+    def abort(self, key: str, upload_id: str) -> None:
+        """Blocking bridge to ``abort_multipart``."""
+        self._loop.run(self.abort_multipart(key, upload_id))
+
     def delete(self, key: str) -> None:
         """Blocking bridge of ``delete_object``."""
         self._loop.run(self.delete_object(key))
@@ -538,6 +546,8 @@ class ObjectStore:
         upload_id = root.findtext(ns + "UploadId")
         if not upload_id:
             raise OriginError(f"create multipart {key}: no UploadId in the answer")
+        if self.uploads is not None:
+            self.uploads.started(key, upload_id)
         return upload_id
 
     async def upload_part(self, key: str, upload_id: str, part_number: int,
@@ -581,7 +591,9 @@ class ObjectStore:
             if done is None:
                 raise
             self._metrics.inc("origin_complete_multipart_recovered_total")
+            self._upload_ended(upload_id)
             return done if size is None else dataclasses.replace(done, size=size)
+        self._upload_ended(upload_id)
         root, ns = _xml_root(reply.body, f"complete {key}")
         etag = root.findtext(ns + "ETag") or ""
         if size is None:
@@ -611,6 +623,11 @@ class ObjectStore:
         except OriginError as exc:
             if exc.status != 404:
                 raise
+        self._upload_ended(upload_id)
+
+    def _upload_ended(self, upload_id: str) -> None:
+        if self.uploads is not None:
+            self.uploads.ended(upload_id)
 
     async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
         """Multipart uploads in progress under ``prefix``: [(key, upload_id)], all pages."""

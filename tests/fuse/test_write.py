@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import stat
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import Mount, run_objfs
+from tests.conftest import Mount, process_alive, run_objfs
 
 MiB = 1024 * 1024
 PART = 8 * MiB  # the default --part-size
@@ -478,6 +479,51 @@ def test_failing_put_of_a_small_file_gives_eio_and_no_object(s3, bucket, proxy, 
     if "small.txt" in os.listdir(mount.path):
         assert read_through(mount.path / "small.txt") == b""
     assert read_through(mount.path / "retried.bin") == data
+
+
+def test_a_daemon_killed_mid_write_publishes_nothing_and_the_next_start_aborts_its_upload(
+        s3, bucket, mount_rw, mounter, proxy):
+    """kill -9 while a checkpoint is half uploaded: nothing partial is published, objects
+    published before are intact, and the multipart upload the dead daemon left (its parts are
+    stored, and billed) is aborted by the next mount of the same cache dir."""
+    earlier = data_of(3 * MiB, 40)
+    s3.put_object(Bucket=bucket, Key="earlier.bin", Body=earlier)
+    mount = mount_rw()
+    closed = data_of(PART + 5, 41)
+    (mount.path / "closed.bin").write_bytes(closed)   # published through the mount
+    pid = mount.pid
+    fd = os.open(mount.path / "ckpt.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data_of(3 * PART, 42))
+        wait_for(lambda: proxy.requests["upload_part"] >= 2 + 2, what="parts of ckpt.bin")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not process_alive(pid), what="the daemon to die")
+        with pytest.raises(OSError) as err:
+            os.write(fd, b"more")
+        assert err.value.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["ckpt.bin"]   # left behind by the dead daemon
+    assert origin_missing(s3, bucket, "ckpt.bin")
+    result = run_objfs("umount", str(mount.path))     # the dead mount
+    assert result.returncode == 0, result.stderr
+    result = run_objfs(*mount.args)                   # the same cache dir
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"),
+             what="the leftover upload to be aborted")
+    assert origin_missing(s3, bucket, "ckpt.bin")
+    assert origin(s3, bucket, "earlier.bin") == earlier
+    assert origin(s3, bucket, "closed.bin") == closed
+    assert (mount.path / "closed.bin").read_bytes() == closed
+    assert not (mount.path / "ckpt.bin").exists()
+    log = (mount.cache_dir / "objfs.log").read_text()
+    assert "1 multipart upload(s) left unfinished by a previous run" in log
+    assert "did not stop cleanly" in log          # relisted: the unpublished file is swept
+    assert list((mount.cache_dir / "uploads").iterdir()) == []
 
 
 # ---- 6. random writes fall back to a staged file ---------------------------------------------

@@ -16,6 +16,7 @@ from objfs.errors import InvalidArgument, OriginError
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.store import ObjectStore
+from objfs.uploads import UploadLedger
 from tests.conftest import put_many, start_moto
 
 MiB = 1024 * 1024
@@ -34,11 +35,11 @@ def loop():
 
 
 def make_store(endpoint: str, bucket: str, loop, session: boto3.Session | None = None,
-               **retry) -> tuple[ObjectStore, Metrics]:
+               uploads: UploadLedger | None = None, **retry) -> tuple[ObjectStore, Metrics]:
     metrics = Metrics()
     config = StoreConfig(bucket=bucket, endpoint=endpoint,
                          retry=RetryConfig(base_delay_s=0.01, max_delay_s=0.05, **retry))
-    store = ObjectStore(config, loop, metrics=metrics, session=session)
+    store = ObjectStore(config, loop, metrics=metrics, session=session, uploads=uploads)
     loop.stores.append(store)
     return store, metrics
 
@@ -185,6 +186,46 @@ def test_a_failing_multipart_copy_is_aborted(s3, bucket, proxy, loop):
     assert not exists(s3, bucket, "dst")
     assert loop.run(store.list_multipart_uploads("")) == []
     assert proxy.requests["abort_multipart"] == 1
+
+
+def test_the_ledger_holds_exactly_the_uploads_in_progress(s3, bucket, proxy, loop, tmp_path):
+    """What a mount killed mid-write leaves for the next start to abort: every upload created
+    and neither completed nor aborted, and nothing else."""
+    ledger = UploadLedger(tmp_path / "uploads", bucket)
+    store, _ = make_store(proxy.endpoint, bucket, loop, uploads=ledger, max_attempts=2)
+
+    def recorded() -> list[tuple[str, str]]:
+        return [(p.key, p.upload_id) for p in ledger.pending()]
+
+    done = loop.run(store.create_multipart("done"))
+    aborted = loop.run(store.create_multipart("aborted"))
+    stuck = loop.run(store.create_multipart("stuck"))
+    assert sorted(recorded()) == sorted([("done", done), ("aborted", aborted), ("stuck", stuck)])
+    e1 = loop.run(store.upload_part("done", done, 1, b"tail"))
+    loop.run(store.complete_multipart("done", done, [(1, e1)], size=4))
+    loop.run(store.abort_multipart("aborted", aborted))
+    proxy.fail_next("abort_multipart", 100, 500, "InternalError")
+    with pytest.raises(OriginError):
+        loop.run(store.abort_multipart("stuck", stuck))   # the origin refuses: kept
+    assert recorded() == [("stuck", stuck)]
+    assert loop.run(store.list_multipart_uploads("")) == [("stuck", stuck)]
+    proxy.reset()
+    store.abort("stuck", stuck)
+    assert recorded() == [] and loop.run(store.list_multipart_uploads("")) == []
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == []
+
+
+def test_a_ledger_that_cannot_be_written_does_not_fail_the_upload(s3, bucket, proxy, loop,
+                                                                   tmp_path):
+    ledger = UploadLedger(tmp_path / "uploads", bucket)
+    (tmp_path / "uploads").rmdir()
+    (tmp_path / "uploads").write_text("not a directory")
+    store, _ = make_store(proxy.endpoint, bucket, loop, uploads=ledger)
+    upload_id = loop.run(store.create_multipart("k"))
+    e1 = loop.run(store.upload_part("k", upload_id, 1, b"x"))
+    assert loop.run(store.complete_multipart("k", upload_id, [(1, e1)], size=1)).size == 1
+    assert get(s3, bucket, "k") == b"x"
+    assert ledger.write_errors == 2          # recording and crossing out failed: counted
 
 
 def test_delete_is_idempotent_and_batched(s3, bucket, proxy, loop):
