@@ -133,9 +133,9 @@ class PageCache:
         # READY pages stored by readahead -> bytes of them not read yet (hit accounting)
         self._prefetched: dict[bytes, int] = {}           # guarded by _lock
         self._seq = 0                                     # guarded by _lock
+        self._last_warning: dict[str, float] = {}         # guarded by _lock
         self._free_estimate = self._sample_free()         # guarded by _lock
         self._free_sampled_at = clock()                   # guarded by _lock
-        self._last_warning: dict[str, float] = {}         # guarded by _lock
 
         self._index = PageIndex(directory / "index")
         self._load_index()
@@ -518,8 +518,9 @@ class PageCache:
             return self._free_bytes(self._pages_dir)
         except OSError as exc:
             self._metrics.inc("cache_disk_errors_total")
-            log.warning("page cache: cannot check free space in %s (%s); keeping no pages "
-                        "until it can", self._pages_dir, exc)
+            if not self._warned_recently_locked("statvfs"):  # resampled every second
+                log.warning("page cache: cannot check free space in %s (%s); keeping no pages "
+                            "until it can", self._pages_dir, exc)
             return 0
 
     def _path(self, pid: bytes) -> str:
@@ -611,13 +612,20 @@ class PageCache:
                    f"page cache {what} failed ({exc}); reading through from the origin")
 
     def _warn(self, kind: str, message: str) -> None:
-        now = self._clock()
         with self._lock:
-            last = self._last_warning.get(kind)
-            if last is not None and now - last < _WARN_INTERVAL_S:
+            if self._warned_recently_locked(kind):
                 return
-            self._last_warning[kind] = now
         log.warning("%s", message)
+
+    def _warned_recently_locked(self, kind: str) -> bool:
+        """Whether a warning of ``kind`` was logged in the last minute; if not, count this one
+        as logged now. Caller holds ``_lock`` (or is the constructor)."""
+        now = self._clock()
+        last = self._last_warning.get(kind)
+        if last is not None and now - last < _WARN_INTERVAL_S:
+            return True
+        self._last_warning[kind] = now
+        return False
 
 
 def _unlink_quietly(path: str) -> None:

@@ -803,19 +803,31 @@ def test_unwritable_data_dir_reads_through(env: Env) -> None:
     assert all(cache.state(v, i) is PageState.MISSING for i in range(3))
 
 
-def test_failing_free_space_probe_is_counted(env: Env) -> None:
+def test_failing_free_space_probe_is_counted(env: Env, caplog) -> None:
     """A cache disk whose statvfs fails is cache-disk trouble: reads still succeed, and like
-    any other disk trouble it shows in ``cache_disk_errors_total`` (and a warning)."""
+    any other disk trouble it shows in ``cache_disk_errors_total`` and a warning, at most
+    one a minute although free space is resampled every second."""
     def broken(_path: Path) -> int:
         raise OSError(5, "Input/output error")
 
+    now = [1000.0]
     data = random_bytes(2 * P, 44)
     v = env.source.put("x", data)
-    cache = env.open(free_bytes=broken)
+    cache = env.open(free_bytes=broken, clock=lambda: now[0])
+    for _ in range(5):                       # five resamples in five seconds
+        now[0] += 1.0
+        cache.drop(v)
+        assert cache.read(v, 0, len(data)) == data
+        settle(cache)
+    assert env.metrics.get("cache_disk_errors_total") >= 5
+    warnings = [r for r in caplog.records if "cannot check free space" in r.getMessage()]
+    assert len(warnings) == 1
+    now[0] += 61.0
+    cache.drop(v)
     assert cache.read(v, 0, len(data)) == data
-    settle(cache)
-    assert cache.read(v, 0, len(data)) == data
-    assert env.metrics.get("cache_disk_errors_total") > 0
+    settle(cache)                            # admission, and so the resample, is after the read
+    warnings = [r for r in caplog.records if "cannot check free space" in r.getMessage()]
+    assert len(warnings) == 2
 
 
 # ---- orphans ---------------------------------------------------------------------------------
