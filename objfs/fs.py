@@ -321,6 +321,28 @@ class Filesystem:
         self.metrics.inc("fuse_read_bytes", len(data))
         return data
 
+    def read_cached(self, fh: int, offset: int, size: int) -> bytes | None:
+        """``read`` when it can be served without waiting (every page READY and in memory),
+        else None: the adapter calls this without releasing llfuse's lock, and ``read``
+        with it released only when this returns None."""
+        handle = self._handle(fh)
+        if offset < 0 or size < 0:
+            raise InvalidArgument("negative offset or size")
+        with self._handles_lock:
+            if handle.stale:
+                raise StaleObject(f"{handle.version.key} changed at the origin; reopen it")
+            if handle.inode.ino in self._writes:
+                return None  # being written here: pending bytes, locks; the slow path
+            handle.reading += 1
+        try:
+            data = self.cache.read_if_ready(handle.version, offset, size, handle.stream)
+        finally:
+            with self._handles_lock:
+                handle.reading -= 1
+        if data is not None:
+            self.metrics.inc("fuse_read_bytes", len(data))
+        return data
+
     def release(self, fh: int) -> None:
         with self._handles_lock:
             handle = self._files.pop(fh, None)

@@ -196,8 +196,14 @@ class FuseOperations(llfuse.Operations):
             return self.fs.open(inode, flags)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        with _errors("read", self.fs.metrics), llfuse.lock_released:
-            return self.fs.read(fh, off, size)
+        with _errors("read", self.fs.metrics):
+            # A hit that needs no waiting is served holding llfuse's lock: releasing and
+            # taking it back cost more than the hit itself (a quarter of warm random IOPS).
+            data = self.fs.read_cached(fh, off, size)
+            if data is not None:
+                return data
+            with llfuse.lock_released:
+                return self.fs.read(fh, off, size)
 
     def release(self, fh: int) -> None:
         with _errors("release", self.fs.metrics), llfuse.lock_released:

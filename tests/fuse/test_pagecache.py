@@ -5,7 +5,8 @@ What each test pins (ARCHITECTURE.md "Read path", issue 3 "Tests"):
 - concurrent readers of a cold file fetch each page exactly once;
 - a restarted daemon serves a cached file with zero origin bytes;
 - a damaged page file (flipped data or header bytes, truncated, deleted) is refetched, one
-  page per damaged file, never EIO;
+  page per damaged file, never EIO (a file deleted while the daemon holds it open is read
+  from the open descriptor until the next start);
 - an object replaced at the origin shows its new bytes after the TTL, no whole-file read ever
   mixes the two versions, and a handle of the old version cannot feed old bytes to new opens;
 - the bytes on disk never exceed ``--cache-size`` (measured with statvfs on a tmpfs of the
@@ -355,40 +356,53 @@ def test_damaged_page_files_are_refetched_never_eio(s3, bucket, mounter, proxy):
     assert all(p.exists() for p in pages.values())
 
     # Unmounted: flip bytes in the data area of page 5 (its third 128 KiB chunk) and inside
-    # the header of page 3 (the key's bytes).
+    # the header of page 3 (the key's bytes); delete page 7's file (still indexed).
     mounter.unmount(mount)
     flip(pages[5], HEADER_SIZE + 300_000)
     flip(pages[3], 200)
+    os.unlink(pages[7])
     mount_again(mount)
     proxy.reset()
     assert read_file(path) == data
     settle(proxy)
-    assert get_ranges(proxy) == [(3 * MiB, 4 * MiB - 1), (5 * MiB, 6 * MiB - 1)], \
-        "exactly pages 3 and 5 are refetched"
-    assert proxy.body_bytes["get"] == 2 * MiB
+    assert get_ranges(proxy) == [(3 * MiB, 4 * MiB - 1), (5 * MiB, 6 * MiB - 1),
+                                 (7 * MiB, 8 * MiB - 1)], "exactly pages 3, 5 and 7 refetched"
+    assert proxy.body_bytes["get"] == 3 * MiB
     assert "corrupt cached page" in log_text(mount)
 
-    # Mounted: damage three more pages in three ways, with the kernel's copy dropped. (A
-    # header damaged while mounted goes unnoticed until the next start: the daemon keeps the
+    # Mounted: damage two more pages in two ways, with the kernel's copy dropped. (A header
+    # damaged while mounted goes unnoticed until the next start: the daemon keeps the
     # verified headers of pages in use, and still checks every chunk it serves against them.)
+    # The daemon keeps page files open between reads, so damage in place is seen at once.
+    # A file deleted while open is still read (its bytes verified as ever) until its
+    # descriptor is closed; the next start finds it missing and refetches it.
     drop_kernel_cache(path)
     flip(pages[1], HEADER_SIZE + MiB - 8)            # the last bytes of the data
     os.truncate(pages[6], HEADER_SIZE + 2 * CHUNK_SIZE)  # torn at a chunk boundary
-    os.unlink(pages[7])                              # indexed, but the file is gone
+    os.unlink(pages[2])                              # open in the daemon: still served
     proxy.reset()
     assert read_file(path, 128 * 1024) == data
     settle(proxy)
-    assert fetched_pages(proxy) == [1, 6, 7]
-    assert proxy.body_bytes["get"] == 3 * MiB
+    assert fetched_pages(proxy) == [1, 6]
+    assert proxy.body_bytes["get"] == 2 * MiB
 
     # The refetched pages were stored again: a third read costs nothing.
+    kept = {i: p for i, p in pages.items() if i != 2}
     wait_for(lambda: all(p.exists() and p.stat().st_size == PAGE_FILE_BYTES
-                         for p in pages.values()), what="the damaged pages rewritten")
+                         for p in kept.values()), what="the damaged pages rewritten")
     drop_kernel_cache(path)
     proxy.reset()
     assert read_file(path) == data
     settle(proxy)
     assert proxy.requests["get"] == 0
+
+    # Page 2's file went while open: the next start finds it missing and refetches it alone.
+    mounter.unmount(mount)
+    mount_again(mount)
+    proxy.reset()
+    assert read_file(path) == data
+    settle(proxy)
+    assert get_ranges(proxy) == [(2 * MiB, 3 * MiB - 1)]
 
 
 # ---- 4. an object replaced at the origin ------------------------------------------------------
@@ -714,12 +728,13 @@ def test_unusable_data_dir_after_mount_reads_through(s3, bucket, mounter, proxy)
     mount = mounter(f"s3://{bucket}", endpoint=proxy.endpoint)
     assert read_file(mount.path / "a.bin") == files["a.bin"]
     wait_for(lambda: len(page_files(mount.cache_dir)) == 2, what="2 page files")
+    mounter.unmount(mount)      # a fresh daemon: a.bin's pages indexed, none of their files
+    mount_again(mount)          # open (an open one would still be read, rightly)
     # The data dir becomes a regular file under the running daemon.
     moved = mount.cache_dir / "pages" / "data.moved"
     os.rename(data_dir(mount.cache_dir), moved)
     data_dir(mount.cache_dir).write_bytes(b"not a directory")
     proxy.reset()
-    drop_kernel_cache(mount.path / "a.bin")
     assert read_file(mount.path / "a.bin") == files["a.bin"]      # cached pages unreadable
     assert read_file(mount.path / "b.bin") == files["b.bin"]      # new pages unwritable
     settle(proxy)

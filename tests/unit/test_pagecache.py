@@ -23,7 +23,7 @@ import pytest
 
 import objfs.cache.pagecache as pagecache_module
 from objfs.cache.format import CHUNK_SIZE, HEADER_SIZE
-from objfs.cache.pagecache import PageCache, PageState
+from objfs.cache.pagecache import OpenPageFiles, PageCache, PageState
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion, byte_range, page_id
 from objfs.cache.sources import SourceChain
 from objfs.errors import OriginError, StaleObject
@@ -958,3 +958,181 @@ def test_random_reader_does_not_read_ahead(env: Env) -> None:
     settle(cache)
     assert env.source.fetched_pages(v) == sorted(pages)
     assert env.metrics.get("readahead_pages_total") == 0
+
+
+# ---- open page files -------------------------------------------------------------------------
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_open_page_files_close_only_idle_descriptors(tmp_path: Path) -> None:
+    paths = {}
+    for i in range(4):
+        paths[bytes([i])] = str(tmp_path / f"p{i}")
+        Path(paths[bytes([i])]).write_bytes(b"page %d" % i)
+    files = OpenPageFiles(capacity=2)
+    a = files.borrow(b"\0", paths[b"\0"])
+    assert files.borrow(b"\0", paths[b"\0"]) is a       # one descriptor, two users
+    files.give_back(a)
+    files.retire([b"\0"])                                # removed while still in use
+    assert fd_is_open(a.fd) and os.pread(a.fd, 6, 0) == b"page 0"
+    files.give_back(a)                                   # the last user closes it
+    assert not fd_is_open(a.fd) and len(files) == 0
+
+    held = files.borrow(b"\1", paths[b"\1"])             # stays borrowed
+    idle = [files.borrow(bytes([i]), paths[bytes([i])]) for i in (2, 3)]
+    for f in idle:
+        files.give_back(f)
+    assert len(files) == 2                               # the bound closed an idle one
+    assert fd_is_open(held.fd) and os.pread(held.fd, 6, 0) == b"page 1"
+    assert sum(fd_is_open(f.fd) for f in idle) == 1
+    with pytest.raises(FileNotFoundError):
+        files.borrow(b"\x09", str(tmp_path / "missing"))
+    files.give_back(held)
+    files.close_all()
+    assert len(files) == 0 and not fd_is_open(held.fd)
+
+
+def test_evicted_and_dropped_pages_leave_no_open_descriptor(env: Env) -> None:
+    """An open descriptor of a removed page file would pin its disk space."""
+    data = random_bytes(6 * P, 46)
+    v = env.source.put("x", data)
+    cache = env.open(capacity_bytes=3 * PAGE_FILE)
+    for _ in range(2):
+        assert cache.read(v, 0, len(data)) == data
+        settle(cache)
+    assert cache.read(v, 5 * P, P) == data[5 * P:]
+    before = len(os.listdir("/proc/self/fd"))
+    env.source.put("y", random_bytes(4 * P, 47))
+    w = env.source.put("y", random_bytes(4 * P, 47))
+    cache.read(w, 0, 4 * P)                              # evicts every page of x
+    settle(cache)
+    cache.drop(w)
+    ours = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(env.directory)) and target.endswith("(deleted)"):
+            ours.append(target)
+    assert ours == []
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_open_page_files_under_concurrent_borrow_and_retire(tmp_path: Path) -> None:
+    """Readers, removals and the bound racing: every read gets an open descriptor of the
+    right file, and nothing is closed twice or left open."""
+    pids = [bytes([i]) for i in range(6)]
+    for pid in pids:
+        (tmp_path / pid.hex()).write_bytes(pid * 8)
+    files = OpenPageFiles(capacity=3)
+    opened: set[int] = set()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(2000):
+                pid = rng.choice(pids)
+                if rng.random() < 0.1:
+                    files.retire([pid])
+                    continue
+                entry = files.borrow(pid, str(tmp_path / pid.hex()))
+                opened.add(entry.fd)
+                assert os.pread(entry.fd, 8, 0) == pid * 8
+                files.give_back(entry)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(files) <= 3
+    files.close_all()
+    still_open = [fd for fd in opened if fd_is_open(fd)
+                  and os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path))]
+    assert still_open == []
+
+
+# ---- reads that must not wait (the adapter holds llfuse's lock) ------------------------------
+
+def test_read_if_ready_serves_ready_pages_and_refuses_the_rest_without_side_effects(
+        env: Env) -> None:
+    data = random_bytes(4 * P, 48)
+    v = env.source.put("x", data)
+    cache = env.open()
+    assert cache.read_if_ready(v, 0, 4096) is None       # MISSING: nothing claimed
+    assert cache.state(v, 0) is PageState.MISSING and env.source.call_count() == 0
+    assert cache.read(v, 0, 2 * P) == data[:2 * P]
+    settle(cache)
+    env.source.reset()
+    assert cache.read_if_ready(v, P - 10, 20) == data[P - 10:P + 10]     # two READY pages
+    assert cache.read_if_ready(v, P, 3 * P) is None       # pages 2 and 3 are not READY
+    assert env.source.call_count() == 0 and cache.state(v, 2) is PageState.MISSING
+    assert cache.read_if_ready(v, 4 * P, 10) == b""       # past the end
+    assert env.metrics.get("read_cache_hit_bytes") == 20
+
+
+def test_read_if_ready_does_not_wait_for_the_disk(env: Env) -> None:
+    """A page file whose bytes are not in the kernel's page cache would make the caller
+    wait for the disk while holding llfuse's lock: refused, and ``read`` serves it."""
+    data = random_bytes(P, 49)
+    v = env.source.put("x", data)
+    cache = env.open()
+    cache.read(v, 0, P)
+    settle(cache)
+    fd = os.open(page_path(env.directory, v, 0), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert cache.read_if_ready(v, 0, 4096) is None
+    assert cache.read(v, 0, 4096) == data[:4096]          # from disk, no fetch
+    assert env.source.call_count() == 1                   # the first read's only
+    assert cache.read_if_ready(v, 0, 4096) == data[:4096]  # in memory again
+
+
+def test_read_if_ready_finds_a_damaged_page_and_leaves_it_to_read(env: Env) -> None:
+    data = random_bytes(2 * P, 50)
+    v = env.source.put("x", data)
+    cache = env.open()
+    cache.read(v, 0, 2 * P)
+    settle(cache)
+    path = page_path(env.directory, v, 1)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    env.source.reset()
+    assert cache.read_if_ready(v, 0, 2 * P) is None
+    assert cache.state(v, 1) is PageState.MISSING and env.source.call_count() == 0
+    assert cache.read(v, 0, 2 * P) == data
+    assert env.source.fetched_pages(v) == [1]
+
+
+def test_sequential_hits_through_read_if_ready_still_read_ahead(env: Env) -> None:
+    data = random_bytes(16 * P, 51)
+    v = env.source.put("x", data)
+    cache = env.open()
+    stream = cache.new_stream()
+    assert cache.read(v, 0, P, stream) == data[:P]
+    settle(cache)
+    served = P
+    while served < len(data):
+        piece = cache.read_if_ready(v, served, 128 * 1024, stream)
+        if piece is None:
+            piece = cache.read(v, served, 128 * 1024, stream)
+        assert piece == data[served:served + len(piece)]
+        served += len(piece)
+    settle(cache)
+    assert env.source.fetched_pages(v) == list(range(16))  # each page once
+    assert env.source.call_count() < 16                   # ahead of the reader, coalesced
