@@ -30,7 +30,7 @@ from objfs.metrics import Metrics
 from objfs.store import ObjectInfo, ObjectStore
 from objfs.tree import ROOT_INO, Inode, Kind, MetadataTree, invalid_reason
 from objfs.writer import (NotSequential, PartSchedule, SequentialUpload, StagedFile,
-                          UploadFailed, WriteBudget)
+                          UploadFailed, UploadSettings, WriteBudget)
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,12 @@ class Filesystem:
         if not config.read_only:
             if store is None or loop is None:
                 raise ValueError("a writable filesystem needs the store and the loop")
-            self._budget = WriteBudget(config.write_buffer_bytes, metrics=metrics)
-            self._schedule = PartSchedule(block_size=_BLOCK_SIZE,
-                                          blocks_per_part=config.part_size_bytes // _BLOCK_SIZE,
-                                          min_part_bytes=min(5 * MiB, config.part_size_bytes))
+            self._uploads = UploadSettings(
+                store, loop, WriteBudget(config.write_buffer_bytes, metrics=metrics),
+                PartSchedule(block_size=_BLOCK_SIZE,
+                             blocks_per_part=config.part_size_bytes // _BLOCK_SIZE,
+                             min_part_bytes=min(5 * MiB, config.part_size_bytes)),
+                concurrency=config.upload_concurrency, metrics=metrics)
             self._staging_dir = config.cache_dir / "staging"
             self._staging_dir.mkdir(parents=True, exist_ok=True)
         self._root_xattrs = {k: v.encode() for k, v in (xattrs or {}).items()}
@@ -399,16 +401,10 @@ class Filesystem:
 
     def _new_upload(self, state: WriteState) -> SequentialUpload:
         state.upload_metadata = dict(state.metadata)
-        return SequentialUpload(self.store, self.loop, state.key, budget=self._budget,
-                                schedule=self._schedule,
-                                concurrency=self.config.upload_concurrency,
-                                metrics=self.metrics, metadata=state.metadata)
+        return self._uploads.upload(state.key, state.metadata)
 
     def _new_staged(self, state: WriteState) -> StagedFile:
-        return StagedFile(self._staging_dir, state.key, store=self.store, loop=self.loop,
-                          budget=self._budget, schedule=self._schedule,
-                          concurrency=self.config.upload_concurrency, metrics=self.metrics,
-                          metadata=state.metadata)
+        return StagedFile(self._staging_dir, state.key, self._uploads, metadata=state.metadata)
 
     def _stage(self, state: WriteState) -> StagedFile:
         """Make the content local (caller holds ``state.lock``)."""

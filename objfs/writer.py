@@ -792,6 +792,28 @@ class SequentialUpload:
 # ---- staged file (non-sequential fallback) --------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class UploadSettings:
+    """What every upload of a mount shares: the store and loop, the memory budget, the part
+    schedule, how many parts of one file are in flight, the metrics, and an optional cap on
+    parts in flight across all uploads. Staged files upload through the same settings."""
+
+    store: ObjectStore
+    loop: EventLoopThread
+    budget: WriteBudget
+    schedule: PartSchedule = dataclasses.field(default_factory=PartSchedule)
+    concurrency: int = 4
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    part_slots: asyncio.Semaphore | None = None
+
+    def upload(self, key: str, metadata: Mapping[str, str] | None = None, *,
+               reorder_wait_s: float = 0.05) -> SequentialUpload:
+        return SequentialUpload(self.store, self.loop, key, budget=self.budget,
+                                schedule=self.schedule, concurrency=self.concurrency,
+                                metrics=self.metrics, metadata=metadata,
+                                part_slots=self.part_slots, reorder_wait_s=reorder_wait_s)
+
+
 class StagedFile:
     """A file staged on local disk, uploaded whole when closed: the fallback for writes that
     are not sequential (seek back, overwrite of an existing object, append, truncate).
@@ -806,20 +828,14 @@ class StagedFile:
     is never used after close (it could be another file's by then).
     """
 
-    def __init__(self, staging_dir: str | os.PathLike[str], key: str, *, store: ObjectStore,
-                 loop: EventLoopThread, budget: WriteBudget,
-                 schedule: PartSchedule | None = None, concurrency: int = 4,
-                 metrics: Metrics | None = None, metadata: Mapping[str, str] | None = None,
-                 part_slots: asyncio.Semaphore | None = None) -> None:
+    def __init__(self, staging_dir: str | os.PathLike[str], key: str, settings: UploadSettings,
+                 *, metadata: Mapping[str, str] | None = None) -> None:
         self.key = key
-        self._store = store
-        self._loop = loop
-        self._budget = budget
-        self._schedule = schedule or PartSchedule()
-        self._concurrency = concurrency
-        self._metrics = metrics or Metrics()
+        self._settings = settings
+        self._store = settings.store
+        self._loop = settings.loop
+        self._metrics = settings.metrics
         self.metadata = dict(metadata or {})
-        self._part_slots = part_slots
         self._lock = threading.Lock()
         fd, path = tempfile.mkstemp(prefix=".objfs-staged-", dir=Path(staging_dir))
         os.unlink(path)
@@ -886,18 +902,16 @@ class StagedFile:
     def upload(self, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         """Upload the staged content as the object (one PUT if small, else multipart), then
         close. BLOCKS. Raises ``UploadFailed`` (nothing published)."""
-        upload = SequentialUpload(
-            self._store, self._loop, self.key, budget=self._budget, schedule=self._schedule,
-            concurrency=self._concurrency, metrics=self._metrics,
-            metadata=self.metadata if metadata is None else metadata,
-            part_slots=self._part_slots, reorder_wait_s=0)
+        upload = self._settings.upload(
+            self.key, self.metadata if metadata is None else metadata, reorder_wait_s=0)
+        block_size = self._settings.schedule.block_size
         try:
             with self._lock:
                 fd = self._check()
                 size = os.fstat(fd).st_size
                 pos = 0
                 while pos < size:
-                    chunk = os.pread(fd, min(self._schedule.block_size, size - pos), pos)
+                    chunk = os.pread(fd, min(block_size, size - pos), pos)
                     if not chunk:  # cannot happen while we hold the lock; never loop forever
                         raise UploadFailed(f"staged file of {self.key} shrank while uploading")
                     upload.write(pos, chunk)

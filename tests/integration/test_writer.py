@@ -23,6 +23,7 @@ from objfs.writer import (
     SequentialUpload,
     StagedFile,
     UploadFailed,
+    UploadSettings,
     WriteBudget,
 )
 from tests.faultproxy import Fault
@@ -410,9 +411,9 @@ def test_a_file_larger_than_the_schedule_is_efbig(s3, bucket, proxy, loop):
 # ---- staged files ---------------------------------------------------------------------------
 
 
-def staged(tmp_path, store, loop, key, **kw) -> StagedFile:
+def staged(tmp_path, store, loop, key, metadata=None, **kw) -> StagedFile:
     kw.setdefault("budget", WriteBudget(64 * MiB))
-    return StagedFile(tmp_path, key, store=store, loop=loop, **kw)
+    return StagedFile(tmp_path, key, UploadSettings(store, loop, **kw), metadata=metadata)
 
 
 def test_staged_file_matches_a_model_under_random_operations(s3, bucket, proxy, loop,
