@@ -299,7 +299,11 @@ class Filesystem:
             raise _error("bad file handle", errno.EBADF)
         return handle
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def _begin_read(self, fh: int, offset: int, size: int) -> tuple[FileHandle,
+                                                                     WriteState | None]:
+        """Check a read and count it in progress (``changed`` waits for those); pair with
+        ``_end_read``. Returns the handle and the file's write state, if it is being
+        written here."""
         handle = self._handle(fh)
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
@@ -307,7 +311,14 @@ class Filesystem:
             if handle.stale:
                 raise StaleObject(f"{handle.version.key} changed at the origin; reopen it")
             handle.reading += 1
-            state = self._writes.get(handle.inode.ino)
+            return handle, self._writes.get(handle.inode.ino)
+
+    def _end_read(self, handle: FileHandle) -> None:
+        with self._handles_lock:
+            handle.reading -= 1
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle, state = self._begin_read(fh, offset, size)
         try:
             if state is not None:
                 data = self._read_pending(state, offset, size)
@@ -318,8 +329,7 @@ class Filesystem:
             else:
                 data = self.cache.read(handle.version, offset, size, handle.stream)
         finally:
-            with self._handles_lock:
-                handle.reading -= 1
+            self._end_read(handle)
         self.metrics.inc("fuse_read_bytes", len(data))
         return data
 
@@ -327,20 +337,13 @@ class Filesystem:
         """``read`` when it can be served without waiting (every page READY and in memory),
         else None: the adapter calls this without releasing llfuse's lock, and ``read``
         with it released only when this returns None."""
-        handle = self._handle(fh)
-        if offset < 0 or size < 0:
-            raise InvalidArgument("negative offset or size")
-        with self._handles_lock:
-            if handle.stale:
-                raise StaleObject(f"{handle.version.key} changed at the origin; reopen it")
-            if handle.inode.ino in self._writes:
-                return None  # being written here: pending bytes, locks; the slow path
-            handle.reading += 1
+        handle, state = self._begin_read(fh, offset, size)
         try:
+            if state is not None:
+                return None  # being written here: pending bytes, locks; the slow path
             data = self.cache.read_if_ready(handle.version, offset, size, handle.stream)
         finally:
-            with self._handles_lock:
-                handle.reading -= 1
+            self._end_read(handle)
         if data is not None:
             self.metrics.inc("fuse_read_bytes", len(data))
         return data
