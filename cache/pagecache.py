@@ -50,7 +50,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,6 +78,16 @@ _MAINTENANCE_INTERVAL_S = 2.0
 _HEADER_CACHE_ENTRIES = 16384
 _OPEN_PAGE_FILES = 256  # descriptors kept open between hits (a 256 MiB working set)
 _SCRATCH_BYTES = 2 * CHUNK_SIZE  # per reader thread: any read up to 128 KiB, unaligned
+
+
+def _page_pieces(version: ObjectVersion, span: range, ids: list[bytes], offset: int,
+                 size: int) -> Iterator[tuple[int, bytes, int, int]]:
+    """(index, page id, lo, hi) for each page of ``span``: the bytes [lo, hi) of that page
+    that the read [offset, offset+size) wants."""
+    end = min(offset + size, version.size)
+    for index, pid in zip(span, ids):
+        base = index * PAGE_SIZE
+        yield index, pid, max(offset, base) - base, min(end, base + PAGE_SIZE) - base
 
 
 class _WouldBlock(Exception):
@@ -371,15 +381,9 @@ class PageCache:
                 ahead = self._claim_readahead_locked(version, span, window, stream)
         if claimed:
             self._start_fetches(version, claimed)
-        if ahead:
-            self._metrics.inc("readahead_pages_total", len(ahead))
-            self._start_fetches(version, ahead, prefetch=True)
-        end = min(offset + size, version.size)
-        pieces = []
-        for index, pid in zip(span, ids):
-            base = index * PAGE_SIZE
-            lo, hi = max(offset, base) - base, min(end, base + PAGE_SIZE) - base
-            pieces.append(self._page_bytes(version, index, pid, lo, hi, waits.get(index)))
+        self._start_readahead(version, ahead)
+        pieces = [self._page_bytes(version, index, pid, lo, hi, waits.get(index))
+                  for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read_if_ready(self, version: ObjectVersion, offset: int, size: int,
@@ -399,11 +403,8 @@ class PageCache:
             for pid in ids:
                 if pid in self._inflight or pid not in self._policy:
                     return None
-        end = min(offset + size, version.size)
         pieces = []
-        for index, pid in zip(span, ids):
-            base = index * PAGE_SIZE
-            lo, hi = max(offset, base) - base, min(end, base + PAGE_SIZE) - base
+        for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size):
             try:
                 data = self._read_ready(version, index, pid, lo, hi, nowait=True)
             except _WouldBlock:
@@ -416,10 +417,13 @@ class PageCache:
             if window > len(span):
                 with self._lock:
                     ahead = self._claim_readahead_locked(version, span, window, stream)
-                if ahead:
-                    self._metrics.inc("readahead_pages_total", len(ahead))
-                    self._start_fetches(version, ahead, prefetch=True)
+                self._start_readahead(version, ahead)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _start_readahead(self, version: ObjectVersion, ahead: list[tuple[int, Future]]) -> None:
+        if ahead:
+            self._metrics.inc("readahead_pages_total", len(ahead))
+            self._start_fetches(version, ahead, prefetch=True)
 
     def _claim_readahead_locked(self, version: ObjectVersion, span: range, window: int,
                                 stream: ReadStream) -> list[tuple[int, Future]]:
@@ -483,7 +487,7 @@ class PageCache:
         try:
             header = self._headers.get(pid)
             if header is None:
-                header = decode_header(self._pread(fd, HEADER_SIZE, 0, nowait))
+                header = decode_header(bytes(self._read_chunks(fd, HEADER_SIZE, 0, nowait)))
                 if (header.index != index or header.key != version.key
                         or header.etag != version.etag or header.bucket != version.bucket
                         or header.length != version.page_length(index)):
@@ -526,22 +530,15 @@ class PageCache:
                           else "read_cache_hit_bytes", hi - lo)
         return data
 
-    def _pread(self, fd: int, size: int, offset: int, nowait: bool) -> bytes:
-        """A small read (a header) into a new buffer."""
-        if not nowait:
-            return os.pread(fd, size, offset)
-        buf = bytearray(size)
-        self._preadv(fd, memoryview(buf), offset, nowait)
-        return bytes(buf)
-
     def _read_chunks(self, fd: int, size: int, offset: int, nowait: bool) -> memoryview:
-        """Checksum chunks, read into this thread's scratch buffer when they fit (a 4 KiB
-        hit reads and verifies its whole 128 KiB chunk: a fresh 128 KiB buffer per hit cost
-        more than the read), else into a new one. Valid until this thread's next read."""
-        scratch = getattr(self._scratch, "buf", None)
+        """Bytes of a page file (a header, or checksum chunks), read into this thread's
+        scratch buffer when they fit (a 4 KiB hit reads and verifies its whole 128 KiB
+        chunk: a fresh 128 KiB buffer per hit cost more than the read), else into a new one.
+        Valid until this thread's next read: copy what must outlive it."""
         if size > _SCRATCH_BYTES:
             view = memoryview(bytearray(size))
         else:
+            scratch = getattr(self._scratch, "buf", None)
             if scratch is None:
                 scratch = self._scratch.buf = bytearray(_SCRATCH_BYTES)
             view = memoryview(scratch)[:size]
