@@ -309,21 +309,20 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             "user.objfs.endpoint": config.store.endpoint or "",
             "user.objfs.control": str(config.cache_dir / SOCKET_NAME),
         })
-        if tree.listed_at() is not None and not previous_stop_clean:
+        listed = tree.listed_at() is not None
+        if not listed:
+            log.info("no complete metadata tree in %s: listing %s", config.cache_dir, url)
+        elif not previous_stop_clean:
             # Files it was writing are in the tree but were never published: relist before
             # serving, which sweeps them (and catches up with the origin).
             log.warning("the previous daemon of %s did not stop cleanly (killed?): relisting "
                         "%s before serving", config.cache_dir, url)
+        if not (listed and previous_stop_clean):
             started = time.monotonic()
             stats = tree.refresh(store.list_pages())
-            log.info("relisted %d objects (%d removed) in %.2fs", stats.objects, stats.removed,
+            log.info("listed %d objects (%d removed, %d invalid keys skipped) in %.2fs",
+                     stats.objects, stats.removed, stats.skipped_invalid,
                      time.monotonic() - started)
-        elif tree.listed_at() is None:
-            log.info("no complete metadata tree in %s: listing %s", config.cache_dir, url)
-            started = time.monotonic()
-            stats = tree.refresh(store.list_pages())
-            log.info("listed %d objects (%d invalid keys skipped) in %.2fs", stats.objects,
-                     stats.skipped_invalid, time.monotonic() - started)
         refresher = Refresher(tree, store, config.ttl_s, fs.changed, fs.changing)
         refresher.start()
         metrics.gauge("tree_objects", tree.count)
