@@ -8,25 +8,10 @@ import time
 
 import pytest
 
-from objfs.config import RetryConfig, StoreConfig
 from objfs.errors import ObjfsError, OriginError, StaleObject
-from objfs.loop import EventLoopThread
-from objfs.metrics import Metrics
-from objfs.store import ObjectStore
+from tests.integration.support import make_store
 
 MiB = 1024 * 1024
-
-
-_open_stores: list[ObjectStore] = []
-
-
-@pytest.fixture
-def loop():
-    loop = EventLoopThread().start()
-    yield loop
-    while _open_stores:
-        _open_stores.pop().close()
-    loop.stop()
 
 
 @pytest.fixture
@@ -34,15 +19,6 @@ def data(s3, bucket):
     blob = random.Random(7).randbytes(3 * MiB + 123)
     s3.put_object(Bucket=bucket, Key="dir/blob.bin", Body=blob)
     return blob
-
-
-def make_store(endpoint: str, bucket: str, loop, **retry) -> tuple[ObjectStore, Metrics]:
-    metrics = Metrics()
-    config = StoreConfig(bucket=bucket, endpoint=endpoint,
-                         retry=RetryConfig(base_delay_s=0.01, max_delay_s=0.05, **retry))
-    store = ObjectStore(config, loop, metrics=metrics)
-    _open_stores.append(store)
-    return store, metrics
 
 
 def etag_of(s3, bucket, key):

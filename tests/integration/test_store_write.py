@@ -6,46 +6,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import random
 
 import boto3
 import pytest
 
-from objfs.config import RetryConfig, StoreConfig
 from objfs.errors import InvalidArgument, OriginError
-from objfs.loop import EventLoopThread
-from objfs.metrics import Metrics
-from objfs.store import ObjectStore
 from objfs.uploads import UploadLedger
 from tests.conftest import put_many, start_moto
+from tests.integration.support import blob, make_store
 
 MiB = 1024 * 1024
 KEY = "dir/a b+c~\u00fc.bin"  # needs quoting in the path, the copy source and the XML
-
-
-@pytest.fixture
-def loop():
-    loop = EventLoopThread().start()
-    stores: list[ObjectStore] = []
-    loop.stores = stores  # type: ignore[attr-defined]
-    yield loop
-    for store in stores:
-        store.close()
-    loop.stop()
-
-
-def make_store(endpoint: str, bucket: str, loop, session: boto3.Session | None = None,
-               uploads: UploadLedger | None = None, **retry) -> tuple[ObjectStore, Metrics]:
-    metrics = Metrics()
-    config = StoreConfig(bucket=bucket, endpoint=endpoint,
-                         retry=RetryConfig(base_delay_s=0.01, max_delay_s=0.05, **retry))
-    store = ObjectStore(config, loop, metrics=metrics, session=session, uploads=uploads)
-    loop.stores.append(store)
-    return store, metrics
-
-
-def blob(size: int, seed: int = 1) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 def get(s3, bucket: str, key: str) -> bytes:

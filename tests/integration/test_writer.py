@@ -12,11 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from objfs.config import RetryConfig, StoreConfig
 from objfs.errors import InvalidArgument, OriginError
-from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
-from objfs.store import ObjectStore
 from objfs.writer import (
     NotSequential,
     PartSchedule,
@@ -27,34 +24,11 @@ from objfs.writer import (
     WriteBudget,
 )
 from tests.faultproxy import Fault
+from tests.integration.support import blob, make_store
 
 MiB = 1024 * 1024
 BLOCK = 4 * MiB
 PART = 8 * MiB
-
-
-@pytest.fixture
-def loop():
-    loop = EventLoopThread().start()
-    stores: list[ObjectStore] = []
-    loop.stores = stores  # type: ignore[attr-defined]
-    yield loop
-    for store in stores:
-        store.close()
-    loop.stop()
-
-
-def make_store(endpoint: str, bucket: str, loop, **retry) -> tuple[ObjectStore, Metrics]:
-    metrics = Metrics()
-    config = StoreConfig(bucket=bucket, endpoint=endpoint,
-                         retry=RetryConfig(base_delay_s=0.01, max_delay_s=0.05, **retry))
-    store = ObjectStore(config, loop, metrics=metrics)
-    loop.stores.append(store)
-    return store, metrics
-
-
-def blob(size: int, seed: int = 1) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 def write_all(upload: SequentialUpload, data: bytes, chunks: list[int]) -> None:
