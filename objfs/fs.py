@@ -172,7 +172,9 @@ class Filesystem:
         state = self._writes.get(inode.ino)
         pending = state is not None and state.dirty  # unpublished writes: their size and time
         if inode.kind is Kind.DIR:
-            mode, uid, gid, size, nlink = stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE, 2
+            # A directory's record counts its subdirectories: link count 2 + that, as on disk.
+            mode, uid, gid, size, nlink = (stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE,
+                                           2 + inode.size)
         else:
             mode, uid, gid, size, nlink = stat.S_IFREG | c.file_mode, c.uid, c.gid, inode.size, 1
             if pending:
