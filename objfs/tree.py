@@ -224,10 +224,18 @@ class MetadataTree:
         self._refreshing = False
         path.mkdir(parents=True, exist_ok=True)
         self._path = path
-        self._env = self._open(path, map_size)
-        with self._env.begin() as txn:
-            fmt = txn.get(b"format", db=self._meta)
-            ident = txn.get(b"identity", db=self._meta)
+        try:
+            self._env = self._open(path, map_size)
+            with self._env.begin() as txn:
+                fmt = txn.get(b"format", db=self._meta)
+                ident = txn.get(b"identity", db=self._meta)
+        except lmdb.Error as exc:
+            log.warning("metadata tree in %s is unreadable (%s): rebuilding it from a listing",
+                        path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            self._env = self._open(path, map_size)
+            fmt = ident = None
         if fmt is not None and (fmt != TREE_FORMAT or ident != identity.encode()):
             log.warning("metadata tree in %s belongs to %s (format %s); rebuilding it",
                         path, (ident or b"?").decode(errors="replace"),
@@ -241,8 +249,9 @@ class MetadataTree:
             self._initialize(identity)
 
     def _open(self, path: Path, map_size: int) -> lmdb.Environment:
-        # sync=False: a crash may lose the last transactions but never corrupts the tree, and
-        # the tree is a cache of the origin's listing; refresh() syncs when it completes.
+        # sync=False: no fsync per transaction (a create would wait for the disk). A daemon
+        # that dies loses nothing; a power cut can damage the file, and the daemon then
+        # rebuilds the tree from a listing (module docstring). refresh() and close() sync.
         env = lmdb.open(str(path), map_size=map_size, max_dbs=8, max_readers=1024,
                         sync=False, metasync=False, readahead=False)
         self._meta = env.open_db(b"meta")
