@@ -317,9 +317,12 @@ class Filesystem:
             with self._handles_lock:
                 if write is None and ino in self._changing:
                     continue  # the version read above is being replaced: wait, read again
-                # A read handle of a file whose write state exists (its last writer's
-                # release may still be publishing) follows that state, not the tree record
-                # read above, which the publish may replace at any moment.
+                # The version is read again under the lock that ``_forget_write`` takes
+                # after a publish has updated the tree: a record read before it may be the
+                # one that publish replaced. A read handle of a file whose write state
+                # exists (its last writer's release may still be publishing) follows that
+                # state, whose outcome is the version it will read.
+                inode = self.tree.get(ino)
                 follow = self._writes.get(ino) if write is None else None
                 previous = self._opened.get(ino)
                 if write is None and follow is None and previous == inode.etag:
@@ -588,7 +591,7 @@ class Filesystem:
                 if state.upload is not None:
                     return state.upload.read(offset, size)  # its local copy: no publish
                 if state.staged is not None:
-                    return state.staged.pread(offset, size)
+                    return state.staged.pread(offset, max(0, min(size, state.size - offset)))
             except OSError as exc:
                 raise from_oserror(exc, f"{state.key}: reading its local copy failed") \
                     from None
