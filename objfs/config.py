@@ -17,6 +17,9 @@ from pathlib import Path
 from objfs.errors import ConfigError
 
 MiB = 1024 * 1024
+OBJECT_METADATA_MODES = ("off", "small", "all")
+# --object-metadata small: objects up to this size (a symlink's target is at most 4095 bytes).
+SMALL_OBJECT_BYTES = 4096
 
 # S3 bucket names (AWS rules, slightly relaxed: S3-compatible stores allow '_' and capitals).
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -159,6 +162,7 @@ class MountConfig:
     cache_size_bytes: int = 10 * 1024 * MiB  # page files on disk, headers included
     cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
     cache_policy: str = "lru"
+    object_metadata: str = "off"       # off | small | all: HEAD objects for mode/owner/symlink
     metrics_addr: tuple[str, int] | None = None  # serve Prometheus /metrics here
     write_buffer_bytes: int = 512 * MiB  # global budget of write buffers (all open files)
     upload_concurrency: int = 8        # parts of one file in flight
@@ -231,6 +235,9 @@ class MountConfig:
             raise ConfigError("--read-request-size must be a positive multiple of 1 MiB")
         if self.readahead_bytes < MiB or self.readahead_bytes % MiB:
             raise ConfigError("--readahead must be a positive multiple of 1 MiB")
+        if self.object_metadata not in OBJECT_METADATA_MODES:
+            raise ConfigError(f"--object-metadata: unknown mode {self.object_metadata!r} "
+                              f"(choose {', '.join(OBJECT_METADATA_MODES)})")
         if self.cache_policy not in ("lru", "uniform"):
             raise ConfigError(f"--cache-policy: unknown policy {self.cache_policy!r} "
                               "(choose lru or uniform)")

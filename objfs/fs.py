@@ -18,13 +18,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import cachetools
 
 from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
-from objfs.config import MiB, MountConfig
+from objfs.config import SMALL_OBJECT_BYTES, MiB, MountConfig
 from objfs.errors import (InvalidArgument, NotFound, ObjfsError, ReadOnly,
                           StaleObject, from_oserror)
 from objfs.loop import EventLoopThread
@@ -51,6 +52,36 @@ _RENAME_COPY_CONCURRENCY = 16
 def _mtime_text(mtime_ns: int) -> str:
     """Seconds with up to 9 decimals, as s3fs writes ``x-amz-meta-mtime``."""
     return f"{mtime_ns // 10**9}.{mtime_ns % 10**9:09d}".rstrip("0").rstrip(".")
+
+
+def _attrs_from_metadata(metadata: dict[str, str] | Any) -> Attrs:
+    """``x-amz-meta-mode/uid/gid/mtime`` as s3fs (and objfs) write them; what does not parse
+    is left out."""
+    def number(name: str) -> int | None:
+        try:
+            return int(metadata[name])
+        except (KeyError, ValueError):
+            return None
+    mtime = None
+    try:
+        mtime = int(round(float(metadata["mtime"]) * 1e9))
+    except (KeyError, ValueError):
+        pass
+    mode = number("mode")
+    if mode is not None and not 0 <= mode < 1 << 32:
+        mode = None
+    elif mode is not None and stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFLNK):
+        mode = stat.S_IMODE(mode)  # an object is a file or a symlink, nothing else
+    return Attrs(mode=mode, uid=number("uid"), gid=number("gid"), mtime_ns=mtime)
+
+
+def _merge_attrs(base: Attrs, over: Attrs | None) -> Attrs:
+    """``base`` with every field ``over`` sets replacing it (attributes set here win)."""
+    if over is None:
+        return base
+    return Attrs(*(o if o is not None else b for b, o in
+                   zip((base.mode, base.uid, base.gid, base.mtime_ns),
+                       (over.mode, over.uid, over.gid, over.mtime_ns))))
 
 
 def _error(message: str, code: int) -> ObjfsError:
@@ -208,6 +239,10 @@ class Filesystem:
                 size, mtime = state.size, state.mtime_ns
         if set_here is None:
             set_here = self.tree.attrs(inode.ino)
+        if c.object_metadata != "off" and inode.kind is Kind.FILE and inode.etag:
+            from_object = self._object_attrs(inode)
+            if from_object is not None:
+                set_here = _merge_attrs(from_object, set_here)
         if set_here is not None:
             if set_here.mode is not None:
                 mode = set_here.mode if stat.S_IFMT(set_here.mode) else \
@@ -218,6 +253,30 @@ class Filesystem:
                 mtime = set_here.mtime_ns
         return Attributes(inode.ino, mode, nlink, uid, gid, size, mtime, PAGE_SIZE,
                           c.attr_timeout_s)
+
+    def _object_attrs(self, inode: Inode) -> Attrs | None:
+        """What the object's own metadata says of its mode and owner (``--object-metadata``):
+        one HEAD per version, the first time it is needed, remembered in the tree. A listing
+        carries no metadata, so without this a symlink or a chmod made through another host
+        (or before a fresh cache dir) shows as a plain file with the default mode."""
+        if self.config.object_metadata == "small" and inode.size > SMALL_OBJECT_BYTES:
+            return None
+        known = self.tree.object_attrs(inode)
+        if known is not None:
+            return known
+        if self.store is None or self.loop is None:
+            return None
+        key = self.config.store.prefix + inode.relpath
+        try:
+            meta = self.loop.run(self.store.head_object(key))
+        except ObjfsError as exc:
+            log.debug("no metadata for %s: %s", key, exc)
+            return None
+        self.metrics.inc("tree_object_metadata_fetched_total")
+        attrs = _attrs_from_metadata(meta.metadata) if meta.info.etag == inode.etag else None
+        if attrs is not None:
+            self.tree.set_object_attrs(inode, attrs)
+        return attrs
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
         if len(name) > _NAME_MAX:

@@ -28,6 +28,8 @@ whatever the length of the S3 key:
   dentries  parent ino (8 BE) + name (UTF-8) -> child ino (8 BE) + kind (1)   [name order]
   shadowed  parent ino (8 BE) + name -> file ino (8 BE): a file hidden by a same-named dir
   attrs     ino (8 BE) -> mode, uid, gid, mtime set on this host (``Attrs``; absent: defaults)
+  objmeta   ino (8 BE) -> ETag length (2), ETag, ``Attrs`` read from that version's object
+            metadata by a HEAD (``--object-metadata``): valid while the ETag matches
 A listed entry keeps its inode number for as long as it exists (found again through its
 dentry), across refreshes and restarts; numbers are never reused.
 
@@ -259,6 +261,7 @@ class MetadataTree:
         self._dentries = env.open_db(b"dentries")
         self._shadowed = env.open_db(b"shadowed")
         self._attrs = env.open_db(b"attrs")
+        self._objmeta = env.open_db(b"objmeta")
         return env
 
     def _initialize(self, identity: str) -> None:
@@ -339,6 +342,27 @@ class MetadataTree:
         with self._env.begin() as txn:
             raw = txn.get(_U64.pack(ino), db=self._attrs)
         return Attrs.decode(raw) if raw is not None else None
+
+    def object_attrs(self, inode: Inode) -> Attrs | None:
+        """Attributes read from the object metadata of ``inode``'s current version (see
+        ``set_object_attrs``); None if not fetched for this version."""
+        with self._env.begin() as txn:
+            raw = txn.get(_U64.pack(inode.ino), db=self._objmeta)
+        if raw is None:
+            return None
+        etag_len = _ETAG_LEN.unpack_from(raw)[0]
+        if raw[2:2 + etag_len] != inode.etag.encode():
+            return None
+        return Attrs.decode(raw[2 + etag_len:])
+
+    def set_object_attrs(self, inode: Inode, attrs: Attrs) -> None:
+        """Remember what the object metadata of ``inode``'s version says (``Attrs()`` when
+        it says nothing), so it is fetched once per version, across restarts."""
+        etag = inode.etag.encode()
+        with self._env.begin(write=True) as txn:
+            if txn.get(_U64.pack(inode.ino), db=self._inodes) is not None:
+                txn.put(_U64.pack(inode.ino), _ETAG_LEN.pack(len(etag)) + etag + attrs.encode(),
+                        db=self._objmeta)
 
     def set_attrs(self, ino: int, *, clear_mtime: bool = False, **changes: int | None) -> Attrs:
         """Merge ``changes`` (mode=, uid=, gid=, mtime_ns=; None leaves a field) into the
@@ -439,6 +463,7 @@ class MetadataTree:
         with self._env.begin(write=True) as txn:
             self._remove(txn, raw_ino, None, self._now_ns())
             txn.delete(raw_ino, db=self._attrs)
+            txn.delete(raw_ino, db=self._objmeta)
 
     def rename(self, ino: int, new_parent: int, new_name: bytes) -> list[int]:
         """Move an entry (and, for a directory, every relpath below it) to ``new_parent`` /
@@ -822,6 +847,7 @@ class MetadataTree:
         if rec_raw is None:
             return
         txn.delete(raw_ino, db=self._inodes)
+        txn.delete(raw_ino, db=self._objmeta)
         rec = Inode.decode(_U64.unpack(raw_ino)[0], rec_raw)
         name = rec.relpath.rstrip("/").rsplit("/", 1)[-1].encode()
         dkey = _dentry_key(rec.parent, name)

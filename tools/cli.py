@@ -58,6 +58,11 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=("lru", "uniform"), default="lru",
                    help="eviction policy: lru, or uniform for shuffled multi-epoch training "
                    "over a dataset larger than the cache (default lru)")
+    p.add_argument("--object-metadata", choices=("off", "small", "all"), default="off",
+                   help="read mode, owner and symlink-ness from the objects' own metadata "
+                   "(one HEAD per object version, on first lookup): small = objects up to "
+                   "4 KiB, where symlinks are; all = every object; off = listing only "
+                   "(default off)")
     p.add_argument("--read-only", action="store_true",
                    help="refuse every modification with EROFS (mount ro)")
     p.add_argument("--write-buffer", metavar="SIZE",
@@ -170,6 +175,7 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
         readahead=args.readahead, cache_size=args.cache_size,
         cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
+        object_metadata=args.object_metadata,
         metrics_addr=args.metrics_addr, read_only=args.read_only,
         write_buffer=args.write_buffer, upload_concurrency=args.upload_concurrency,
         part_size=args.part_size, rename_dir_limit=args.rename_dir_limit,

@@ -360,3 +360,31 @@ def test_changed_waits_for_the_read_in_progress_then_drops_the_pages(core: Core)
     assert core.invalidated_now == [ino]
     assert errno_of(lambda: core.read(fh, 10)) == errno.ESTALE
     core.fs.release(fh)
+
+
+# ---- 11. symlinks and modes made through another host ---------------------------------------
+
+@pytest.mark.parametrize("mode", ["off", "small"])
+def test_symlinks_and_modes_from_another_host(make_core, mode: str) -> None:
+    here = make_core()
+    here.fs.symlink(ROOT_INO, b"link", b"target/of/link", 1000, 1000)
+    here.write_file("private", b"secret")
+    here.fs.setattr(here.node("private").ino, mode=0o600)
+    here.write_file("big", b"x" * 5000)
+    here.fs.setattr(here.node("big").ino, mode=0o640)
+    there = make_core(object_metadata=mode)  # another host: its own cache dir, a listing
+    there.proxy.reset()
+    link = there.fs.lookup(ROOT_INO, b"link")
+    private = there.fs.lookup(ROOT_INO, b"private")
+    big = there.fs.lookup(ROOT_INO, b"big")
+    if mode == "off":  # documented: the listing carries no metadata
+        assert stat.S_ISREG(link.mode) and stat.S_IMODE(private.mode) == 0o644
+        assert there.proxy.requests["head"] == 0
+    else:
+        assert stat.S_ISLNK(link.mode) and link.uid == 1000
+        assert there.fs.readlink(link.ino) == b"target/of/link"
+        assert stat.S_ISREG(private.mode) and stat.S_IMODE(private.mode) == 0o600
+        assert stat.S_IMODE(big.mode) == 0o644  # over 4 KiB: not asked
+        assert there.proxy.requests["head"] == 2
+        there.fs.lookup(ROOT_INO, b"link")
+        assert there.proxy.requests["head"] == 2  # once per version
