@@ -819,6 +819,12 @@ class Filesystem:
             state = self._write_state(inode.ino)
             try:
                 self._truncate(state, size)
+                if fh is not None:
+                    # ftruncate(2): a change made through a descriptor, published at its close
+                    # like a write. (The kernel's truncate for open(O_TRUNC) carries no
+                    # handle: that one waits for a write or the last release, see flush.)
+                    with state.lock:
+                        state.wrote = state.wrote or state.dirty
                 with self._handles_lock:
                     unopened = state.handles == 0
                 if unopened:  # truncate(2) with no descriptor open: publish now
