@@ -148,7 +148,10 @@ class MountConfig:
     foreground: bool = False
     read_only: bool = False
     ttl_s: float = 300.0
-    attr_timeout_s: float = 1.0
+    # How long the kernel may cache names and attributes. The tree changes only when this host
+    # changes it (the kernel sees those) or a relist does (which tells the kernel what changed,
+    # see Filesystem.entries_removed/attrs_changed), so by default it is the TTL.
+    attr_timeout_s: float = 300.0
     allow_other: bool = False
     uid: int = dataclasses.field(default_factory=os.getuid)
     gid: int = dataclasses.field(default_factory=os.getgid)
@@ -199,6 +202,9 @@ class MountConfig:
             if not 0 < ttl < math.inf:  # also rejects nan, which compares false with anything
                 raise ConfigError(f"--ttl: must be positive seconds, got {ttl}")
             kwargs["ttl_s"] = float(ttl)
+        if kwargs.get("attr_timeout_s") is None:
+            kwargs.pop("attr_timeout_s", None)
+            kwargs["attr_timeout_s"] = float(kwargs.get("ttl_s", cls.ttl_s))
         for name, value in (("uid", uid), ("gid", gid)):
             if value is not None:
                 if value < 0:

@@ -189,17 +189,16 @@ def setup_logging(config: MountConfig, to_stderr: bool) -> Path:
 
 
 class Refresher:
-    """Keeps the tree no older than the TTL: a background thread that relists the prefix."""
+    """Keeps the tree no older than the TTL: a background thread that relists the prefix and
+    tells ``fs`` what changed (versions, removed names, attributes), so the kernel's caches,
+    which may keep names and attributes for the TTL, follow."""
 
-    def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float,
-                 on_changed: Callable[[list[int]], None],
-                 on_changing: Callable[[list[int]], None] | None = None,
+    def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float, fs: Filesystem,
                  clock: Callable[[], float] = time.time) -> None:
         self._tree = tree
         self._store = store
         self._ttl_s = ttl_s
-        self._on_changed = on_changed
-        self._on_changing = on_changing
+        self._fs = fs
         self._clock = clock
         self._stop = threading.Event()
         self._retry_at: float | None = None  # refresher thread only
@@ -233,8 +232,10 @@ class Refresher:
             yield page
 
     def refresh_now(self, scope: str = "") -> RefreshStats:
-        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed,
-                                   on_changing=self._on_changing)
+        fs = self._fs
+        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=fs.changed,
+                                   on_changing=fs.changing, on_removed=fs.entries_removed,
+                                   on_attrs=fs.attrs_changed)
         log.info("refreshed %s: %d objects listed, %d added, %d changed, %d removed, "
                  "%d invalid keys skipped in %.2fs", scope or "/", stats.objects, stats.added,
                  stats.changed, stats.removed, stats.skipped_invalid, stats.duration_s)
@@ -374,7 +375,7 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             log.info("listed %d objects (%d removed, %d invalid keys skipped) in %.2fs",
                      stats.objects, stats.removed, stats.skipped_invalid,
                      time.monotonic() - started)
-        refresher = Refresher(tree, store, config.ttl_s, fs.changed, fs.changing)
+        refresher = Refresher(tree, store, config.ttl_s, fs)
         refresher.start()
         metrics.gauge("tree_objects", tree.count)
         control = start_control(config, loop, metrics, fs, refresher, url)

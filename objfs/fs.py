@@ -218,6 +218,11 @@ class Filesystem:
         # that one from a handler).
         self.invalidate_inodes: Callable[[list[int]], None] = lambda inos: None
         self.invalidate_inodes_now: Callable[[list[int]], None] = lambda inos: None
+        # ... and names (parent inode, name) and attributes only, done by the time they
+        # return (refresher thread).
+        self.invalidate_entries_now: Callable[[list[tuple[int, bytes]]], None] = \
+            lambda entries: None
+        self.invalidate_attrs_now: Callable[[list[int]], None] = lambda inos: None
 
     # ---- attributes ------------------------------------------------------------------------
 
@@ -1276,6 +1281,16 @@ class Filesystem:
         with self._handles_lock:
             for ino in inos:
                 self._changing[ino] = gate
+
+    def entries_removed(self, entries: list[tuple[int, bytes]]) -> None:
+        """A relist removed these names (refresher thread): the kernel, which may cache
+        names for the attribute timeout (the TTL by default), forgets them now."""
+        self.invalidate_entries_now(entries)
+
+    def attrs_changed(self, inos: list[int]) -> None:
+        """A relist changed these inodes' attributes but not their version (an mtime, a
+        directory's link count): the kernel drops its cached attributes, not its pages."""
+        self.invalidate_attrs_now(inos)
 
     def changed(self, inos: list[int]) -> None:
         """The tree saw these inodes change or disappear at the origin (refresher thread).

@@ -35,7 +35,8 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=float, metavar="SECONDS",
                    help="metadata staleness bound: relist the prefix this often (default 300)")
     p.add_argument("--attr-timeout", type=float, metavar="SECONDS", dest="attr_timeout_s",
-                   default=1.0, help="how long the kernel may cache attributes (default 1)")
+                   help="how long the kernel may cache names and attributes (default: the "
+                   "TTL; relists and this host's changes tell the kernel what changed)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the training job's) use the mount")
     p.add_argument("--uid", type=int, help="owner shown for files (default: daemon's uid)")

@@ -39,10 +39,15 @@ class Core:
     bucket: str
     invalidated: list[int]
     invalidated_now: list[int]
+    invalidated_entries: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+    invalidated_attrs: list[int] = dataclasses.field(default_factory=list)
 
     def relist(self, pages: Iterable[list[ObjectInfo]] | None = None):
+        """What the daemon's Refresher does."""
         return self.tree.refresh(self.store.list_pages() if pages is None else pages,
-                                 on_changed=self.fs.changed, on_changing=self.fs.changing)
+                                 on_changed=self.fs.changed, on_changing=self.fs.changing,
+                                 on_removed=self.fs.entries_removed,
+                                 on_attrs=self.fs.attrs_changed)
 
     def listing(self) -> list[ObjectInfo]:
         """Everything the origin holds now, as a relist would see it."""
@@ -143,6 +148,8 @@ def make_core(origin_endpoint: str, tmp_path: Path):
         fs.invalidate_inodes = invalidated.extend
         fs.invalidate_inodes_now = invalidated_now.extend
         core = Core(fs, tree, store, metrics, proxy, s3, bucket, invalidated, invalidated_now)
+        fs.invalidate_entries_now = core.invalidated_entries.extend
+        fs.invalidate_attrs_now = core.invalidated_attrs.extend
         core.relist()
 
         def close() -> None:

@@ -388,3 +388,24 @@ def test_symlinks_and_modes_from_another_host(make_core, mode: str) -> None:
         assert there.proxy.requests["head"] == 2
         there.fs.lookup(ROOT_INO, b"link")
         assert there.proxy.requests["head"] == 2  # once per version
+
+
+# ---- the kernel may keep names and attributes for the TTL: relists tell it what changed ------
+
+def test_a_relist_tells_the_kernel_which_names_and_attributes_changed(core: Core) -> None:
+    for key in ("d/gone", "d/stays", "d/touched"):
+        core.s3.put_object(Bucket=core.bucket, Key=key, Body=b"same")
+    core.relist()
+    d = core.node("d").ino
+    touched = core.node("d/touched").ino
+    core.s3.delete_object(Bucket=core.bucket, Key="d/gone")
+    mtime = core.node("d/touched").mtime_ns
+    while core.listing()[-1].mtime_ns == mtime:  # LastModified counts whole seconds here
+        threading.Event().wait(0.2)
+        core.s3.put_object(Bucket=core.bucket, Key="d/touched", Body=b"same")  # mtime only
+    core.s3.put_object(Bucket=core.bucket, Key="d/sub/new", Body=b"x")     # d gains a subdir
+    core.invalidated_now.clear()
+    core.relist()
+    assert core.invalidated_entries == [(d, b"gone")]
+    assert touched in core.invalidated_attrs and d in core.invalidated_attrs
+    assert touched not in core.invalidated_now  # same version: its pages stay

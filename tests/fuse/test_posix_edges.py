@@ -26,7 +26,7 @@ def test_setxattr_is_enotsup_whatever_its_flags(s3, bucket, mounter) -> None:
     mount = mounter(f"s3://{bucket}")
     path = mount.path / "f"
     for flags in (0, os.XATTR_CREATE, os.XATTR_REPLACE):
-        assert oserror(lambda: os.setxattr(path, "user.test", b"v", flags)) == errno.ENOTSUP
+        assert oserror(lambda f=flags: os.setxattr(path, "user.test", b"v", f)) == errno.ENOTSUP
     assert os.getxattr(path, "user.objfs.key") == b"f"  # the daemon is still alive
     assert oserror(lambda: os.removexattr(path, "user.test")) == errno.ENOTSUP
 
@@ -57,7 +57,7 @@ def test_browsing_counts_no_errors(s3, bucket, mounter) -> None:
     for name in ("missing", "d/also-missing"):
         assert not (mount.path / name).exists()
     for name in ("security.selinux", "system.posix_acl_access", "user.unset"):
-        assert oserror(lambda: os.getxattr(mount.path / "d" / "file-001", name)) in \
+        assert oserror(lambda n=name: os.getxattr(mount.path / "d" / "file-001", n)) in \
             (errno.ENODATA, errno.EOPNOTSUPP)
     metrics = cli_stats(mount)["metrics"]
     errors = {k: v for k, v in metrics.items() if k.startswith("fuse_") and
