@@ -63,9 +63,18 @@ def test_checksum_elements_are_understood() -> None:
     assert fast is not None and fast == slow(body)
 
 
+def test_any_field_order_and_numeric_quote_entities() -> None:
+    """SeaweedFS writes Key, ETag, Size, StorageClass, LastModified, and &#34; for quotes."""
+    body = page([entry(k, etag="&#34;abc&#34;", order=("Key", "ETag", "Size", "LastModified"))
+                 for k in KEYS])
+    fast = _parse_listing_regex(body)
+    assert fast is not None and fast == slow(body)
+    assert fast[0][0].etag == '"abc"'
+
+
 @pytest.mark.parametrize("body", [
-    page([entry("k", order=("Key", "ETag", "LastModified", "Size"))]),  # another order
     page([entry("k")], encoding=None),                                   # not URL-encoded
+    page([entry("k", etag="&amp;x")]),                                   # another entity
     page([entry("k"), "<Contents><Key>odd</Key><Size>1</Size></Contents>"]),  # incomplete
 ])
 def test_anything_unusual_goes_to_elementtree(body: bytes) -> None:
