@@ -829,10 +829,13 @@ class PageCache:
         """Fetch the claimed pages in coalesced runs (cut at extents in a cluster); returns
         how many runs were started."""
         futures = dict(claimed)
-        runs = []
-        for run in coalesce(sorted(futures), self._request_pages):
-            runs.extend(split_at_extents(run, self._extent_pages) if self._extent_pages
-                        else (run,))
+        indexes = sorted(futures)
+        if self._extent_pages:  # whole extents where possible: one GET at the owner each
+            runs = [part for run in coalesce(indexes, len(indexes))
+                    for piece in split_at_extents(run, self._extent_pages)
+                    for part in coalesce(list(piece), self._request_pages)]
+        else:
+            runs = list(coalesce(indexes, self._request_pages))
         for run in runs:
             ticket = Ticket(priority)
             with self._tickets_lock:
