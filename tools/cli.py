@@ -210,9 +210,9 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # bad flags fail before the daemon's imports (~1 s)
     from objfs import daemon
 
-    config = _config_from_args(args)
     lock_fd = daemon.preflight(config)
     if config.foreground:
         daemon.setup_logging(config, to_stderr=True)
