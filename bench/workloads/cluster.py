@@ -86,9 +86,11 @@ class ClusterWorkload(Workload):
         super().__init__(ctx)
         size = self.sizes.seq_size  # 1 GiB (128 MiB with --smoke)
         self.dataset = BlobDataset(f"cluster-v1-1x{_h(size)}", 1, size)
-        self.client = ObjfsClient(ctx.origin.endpoint, extra_args=ctx.args.mount_arg,
-                                  mount_timeout=self.sizes.step_timeout,
-                                  work_dir=ctx.work_dir)
+        # One client per host: a client's cleanup stops every daemon it has seen.
+        self.clients = [ObjfsClient(ctx.origin.endpoint, extra_args=ctx.args.mount_arg,
+                                    mount_timeout=self.sizes.step_timeout,
+                                    work_dir=ctx.work_dir) for _ in range(HOSTS)]
+        self.client = self.clients[0]
 
     def settings(self) -> dict:
         return {"hosts": HOSTS, "dataset": self.dataset.name,
@@ -130,7 +132,7 @@ class ClusterWorkload(Workload):
                 extra = ["--peer-listen", ids[i], "--peers", ",".join(ids),
                          "--cluster-secret-file", str(secret)] if peer == "peer" else []
                 mounts.append(stack.enter_context(
-                    self.mounted(self.client, self.dataset.name, rec, f"{p}-h{i}", extra)))
+                    self.mounted(self.clients[i], self.dataset.name, rec, f"{p}-h{i}", extra)))
             paths = [mnt.mp / key for mnt in mounts]
             for path in paths:
                 path.stat()  # lookups outside the timed reads
