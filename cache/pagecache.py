@@ -721,8 +721,9 @@ class PageCache:
                 else:
                     joined.append(pid)
                 futures.append(fut)
-        if claimed:
-            self._start_fetches(version, claimed, prefetch=True, priority=priority)
+        if claimed:  # readahead's pages are "prefetched" (no hit when read); preload's are hits
+            self._start_fetches(version, claimed, prefetch=priority is Priority.READAHEAD,
+                                priority=priority)
         if joined:
             self._promote(joined, priority)
         return futures

@@ -696,6 +696,7 @@ class PeerServer:
             self._tracker.count(asker, "peer_owner_fetches_total", fetches)
         total = sum(HEADER_SIZE + page.length for page in served)
         response: web.StreamResponse | None = None
+        handed = [False]  # True once a worker thread owns the page files (it gives them back)
         try:
             if self._serve_limit is not None:
                 await self._serve_limit.take(total)
@@ -703,10 +704,11 @@ class PeerServer:
                                           headers={"Content-Type": "application/octet-stream"})
             response.content_length = total
             await response.prepare(request)
-            zero_copy = await self._send(request, response, version, served)
+            zero_copy = await self._send(request, response, version, served, handed)
         except (_SendFailed, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            for page in served:
-                self._cache.give_back(page)
+            if not handed[0]:
+                for page in served:
+                    self._cache.give_back(page)
             if isinstance(exc, _ShortPageFile):
                 await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._cache.check_page, version, exc.index)
@@ -716,6 +718,11 @@ class PeerServer:
                 request.transport.abort()  # the asker sees a short body: a miss
             self._metrics.inc("peer_send_failures_total")
             return response if response is not None else _error(500, "send failed")
+        except BaseException:  # cancelled: files not handed to a thread go back now
+            if not handed[0]:
+                for page in served:
+                    self._cache.give_back(page)
+            raise
         await response.write_eof()
         rec.served += 1
         rec.out_bytes += total
@@ -726,12 +733,16 @@ class PeerServer:
         return response
 
     async def _send(self, request: web.Request, response: web.StreamResponse,
-                    version: ObjectVersion, served: list[ServedPage]) -> int:
-        """Write the body; returns the bytes that went out zero-copy."""
+                    version: ObjectVersion, served: list[ServedPage],
+                    handed: list[bool]) -> int:
+        """Write the body; returns the bytes that went out zero-copy. Sets ``handed[0]``
+        when a worker thread takes over the page files (from then on it gives them back,
+        whatever happens to this coroutine)."""
         loop = asyncio.get_running_loop()
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is None or not self._settings.zero_copy:
+            handed[0] = True
             buffers = await loop.run_in_executor(self._pool, read_pages_blocking, version,
                                                  served, self._cache.give_back)
             for buf in buffers:
@@ -745,6 +756,7 @@ class PeerServer:
                 raise _SendFailed("the response headers could not be sent")
             await asyncio.sleep(0.001)
         fd = os.dup(sock.fileno())
+        handed[0] = True
         return await loop.run_in_executor(self._pool, send_pages_blocking, fd, version, served,
                                           self._settings.send_stall_s, self._cache.give_back)
 
