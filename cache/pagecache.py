@@ -695,6 +695,7 @@ class PageCache:
         with self._lock:
             if pid in self._inflight or pid not in self._policy:
                 return True
+        self._headers.pop(pid, None)  # verify the header on disk too, not the one in memory
         return self._read_ready(version, index, pid, 0, version.page_length(index),
                                 account=False) is not None
 

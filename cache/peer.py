@@ -303,6 +303,7 @@ class PeerSource:
         self._settings = settings
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None  # loop only
+        self._reports: set[asyncio.Task] = set()  # loop only: bad-page reports in flight
 
     def applies(self, version: ObjectVersion, pages: range) -> bool:
         ring = self._membership.ring()
@@ -420,11 +421,8 @@ class PeerSource:
                 log.debug("could not report a bad page to %s: %s", owner, exc)
 
         task = asyncio.get_running_loop().create_task(report())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task] = set()  # strong references to fire-and-forget tasks (loop)
+        self._reports.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._reports.discard)
 
 
 async def _read_into(content: aiohttp.StreamReader, target: memoryview) -> None:
@@ -570,7 +568,9 @@ class PeerServer:
         app.router.add_get(PAGES_PATH, self._pages)
         app.router.add_post(CHECK_PATH, self._check)
         app.router.add_get(INFO_PATH, self._info)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Handlers still waiting at shutdown (a fetch for a peer) get 2 s, not aiohttp's 60.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         host, port = self.listen
         try:
