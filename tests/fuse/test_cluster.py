@@ -268,9 +268,12 @@ def test_a_member_reads_what_another_cached_with_no_origin_bytes(cluster, s3, bu
 
 def test_a_member_killed_while_serving_never_fails_a_reader(cluster, s3, bucket):
     data = os.urandom(32 * MiB)
-    s3.put_object(Bucket=bucket, Key="ckpt.pt", Body=data)
     cluster.plan(3)
     a, b, c = cluster.members
+    v = key_where(cluster, bucket, data, lambda v: [cluster.ring().owner(v, 8 * e)
+                                                    for e in range(4)].count(c.id) >= 2,
+                  stem="ckpt")
+    s3.put_object(Bucket=bucket, Key=v.key, Body=data)
     c.proxy.delay_next("get", 1000, 0.4)  # C's origin fetches are slow: it is caught serving
     cluster.start(f"s3://{bucket}")
     victim_pid = c.mount.pid
@@ -278,7 +281,7 @@ def test_a_member_killed_while_serving_never_fails_a_reader(cluster, s3, bucket)
 
     def reader(member: Member) -> None:
         try:
-            results[member.id] = sha(read_file(member.path / "ckpt.pt"))
+            results[member.id] = sha(read_file(member.path / v.key))
         except BaseException as exc:
             results[member.id] = exc
 
