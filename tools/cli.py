@@ -78,6 +78,24 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
                    "copies through the mount) (default 10000)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    peer = p.add_argument_group("peer cache (README: Peer cache)")
+    peer.add_argument("--peer-listen", metavar="HOST:PORT",
+                      help="serve this host's page cache to the cluster here and fetch "
+                      "from the other members")
+    peer.add_argument("--peers", action="append", metavar="HOST:PORT,...",
+                      help="the members of the cluster (their --peer-advertise addresses; "
+                      "may include this host)")
+    peer.add_argument("--cluster-secret-file", metavar="FILE",
+                      help="the secret the members share (mode 0600; needed with "
+                      "--peer-listen)")
+    peer.add_argument("--peer-advertise", metavar="HOST:PORT",
+                      help="the address the other members know this host by (default: "
+                      "the --peer-listen address; required if that is a wildcard)")
+    peer.add_argument("--peer-serve-limit", metavar="RATE",
+                      help="most bytes/s served to peers, e.g. 200M (default: no limit)")
+    p.add_argument("--origin-read-limit", metavar="RATE",
+                   help="most bytes/s of ranged GETs from the origin, e.g. 400M "
+                   "(default: no limit)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-file", type=Path, help="log here (default: CACHE_DIR/objfs.log)")
 
@@ -110,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_refresh.add_argument("path", nargs="?", metavar="PATH",
                            help="directory or file under the mount (default: all of it)")
     p_refresh.set_defaults(func=cmd_refresh)
+
+    p_peers = sub.add_parser("peers", help="the cluster members a mount shares its cache with")
+    p_peers.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_peers.add_argument("--json", action="store_true", dest="as_json",
+                         help="print the members as JSON")
+    p_peers.set_defaults(func=cmd_peers)
 
     p_cache = sub.add_parser("cache", help="page cache commands")
     cache_sub = p_cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -147,6 +171,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                     as_json=args.as_json)
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    from objfs.tools import control_client
+
+    return control_client.run_peers(args.mountpoint, as_json=args.as_json)
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from objfs.tools import control_client
 
@@ -181,13 +211,15 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         write_buffer=args.write_buffer, upload_concurrency=args.upload_concurrency,
         part_size=args.part_size, rename_dir_limit=args.rename_dir_limit,
         log_level=args.log_level,
-        log_file=args.log_file)
+        log_file=args.log_file, peer_listen=args.peer_listen, peers=args.peers,
+        cluster_secret_file=args.cluster_secret_file, peer_advertise=args.peer_advertise,
+        peer_serve_limit=args.peer_serve_limit, origin_read_limit=args.origin_read_limit)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # bad flags fail before the daemon's imports (~1 s)
     from objfs import daemon
 
-    config = _config_from_args(args)
     lock_fd = daemon.preflight(config)
     if config.foreground:
         daemon.setup_logging(config, to_stderr=True)

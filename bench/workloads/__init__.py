@@ -12,6 +12,7 @@ side-by-side comparisons (per-contender figures, objfs/peer ratios).
 
 from __future__ import annotations
 
+from bench.workloads.cluster import ClusterWorkload
 from bench.workloads.listing import ListingWorkload
 from bench.workloads.netcal import NetcalWorkload
 from bench.workloads.pagecache import PagecacheWorkload
@@ -23,4 +24,4 @@ from bench.workloads.write import WriteWorkload
 
 WORKLOADS = {w.name: w for w in (NetcalWorkload, PagecacheWorkload, SeqreadWorkload,
                                  RandreadWorkload, SmallfilesWorkload, WriteWorkload,
-                                 ListingWorkload, RelistWorkload)}
+                                 ListingWorkload, RelistWorkload, ClusterWorkload)}
