@@ -47,9 +47,14 @@ Persistence: page files live in ``DIR/data/XX/<page id hex>``; the LMDB index
 a background pass then removes orphan files (written but never indexed, or temp files of a
 crash). An indexed page whose file vanished is found on first read and refetched.
 
-Lock order: ``_lock`` only. It is never held across file I/O, the event loop or a future wait;
-the one exception is the LMDB commit of stored pages (``sync=False``: a memory-mapped write of
-a few records), which must be atomic with the INFLIGHT -> READY transition.
+Locks: ``_lock`` guards the in-memory state; ``OpenPageFiles`` has its own, taken inside or
+outside ``_lock`` but never around anything else. Neither is ever held across file I/O (an
+``open``, a ``statvfs``), an LMDB transaction, the event loop or a future wait: the FUSE
+adapter serves hits holding llfuse's global lock, so anything a hit may wait for must never
+wait for the disk. A hit (``read_if_ready``) reads only through descriptors already open and
+only bytes already in memory (``RWF_NOWAIT``); anything else is left to ``read``, which runs
+with llfuse's lock released. Stored pages get their index entries outside ``_lock`` and go
+READY under it afterwards (``_persist``).
 """
 
 from __future__ import annotations
@@ -125,8 +130,10 @@ class OpenPageFiles:
     An ``open`` and a ``close`` per hit were a quarter of a 4 KiB hit's CPU. A descriptor is
     closed only once no read uses it (``users``): ``retire`` (the page's file was removed)
     closes it at once if idle, else when its last reader gives it back; the LRU bound closes
-    idle ones. ``borrow`` opens under the lock, and removals retire after unlinking, so a
-    descriptor of a removed file is never kept (it would pin the file's disk space).
+    idle ones. ``borrow`` opens a file outside the lock (an ``open`` can wait for the disk,
+    and a hit that needs no open must never wait behind one) and keeps it only if it still
+    has a name (``st_nlink``, checked under the lock): removals retire after unlinking, so
+    a descriptor of a removed file is never kept (it would pin the file's disk space).
     Content is immutable per page id, so a descriptor is never "of an older version".
     """
 
@@ -135,22 +142,47 @@ class OpenPageFiles:
         self._open: OrderedDict[bytes, _OpenPageFile] = OrderedDict()  # guarded by _lock
         self._capacity = capacity
 
-    def borrow(self, pid: bytes, path: str) -> _OpenPageFile:
-        """The open file of ``pid`` (opening ``path`` if needed), held until ``give_back``.
-        Raises what ``os.open`` raises."""
+    def borrow(self, pid: bytes, path: str, *, open_file: bool = True) -> _OpenPageFile | None:
+        """The open file of ``pid`` (opening ``path`` if needed and ``open_file``), held
+        until ``give_back``; None if it is not open and ``open_file`` is False. Raises what
+        ``os.open`` raises (FileNotFoundError for a file removed meanwhile)."""
         idle: list[int] = []
         with self._lock:
             entry = self._open.get(pid)
-            if entry is None:
-                entry = _OpenPageFile(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-                self._open[pid] = entry
-            else:
+            if entry is not None:
                 self._open.move_to_end(pid)
-            entry.users += 1  # before trimming: the entry is in use from here on
-            if len(self._open) > self._capacity:
-                idle = self._trim_locked()
+                entry.users += 1  # before trimming: the entry is in use from here on
+                if len(self._open) > self._capacity:
+                    idle = self._trim_locked()
+        if entry is None:
+            if not open_file:
+                return None
+            entry = self._open_and_keep(pid, path)
         for fd in idle:
             os.close(fd)
+        return entry
+
+    def _open_and_keep(self, pid: bytes, path: str) -> _OpenPageFile:
+        fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # may wait: no lock held
+        idle: list[int] = []
+        try:
+            with self._lock:
+                entry = self._open.get(pid)
+                if entry is None:
+                    if os.fstat(fd).st_nlink == 0:  # removed after our open: not kept
+                        raise FileNotFoundError(path)
+                    entry = self._open[pid] = _OpenPageFile(fd)
+                    fd = None
+                else:  # opened by another reader meanwhile
+                    self._open.move_to_end(pid)
+                entry.users += 1
+                if len(self._open) > self._capacity:
+                    idle = self._trim_locked()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        for old in idle:
+            os.close(old)
         return entry
 
     def give_back(self, entry: _OpenPageFile) -> None:
@@ -736,13 +768,15 @@ class PageCache:
         ``account`` the read is not a use (no touch, no read counters)."""
         path = self._path(pid)
         try:
-            file = self._files.borrow(pid, path)
+            file = self._files.borrow(pid, path, open_file=not nowait)
         except FileNotFoundError:
             self._forget(pid, "missing")
             return None
         except OSError as exc:
             self._disk_error("open", exc)
             return None
+        if file is None:  # not open: opening may wait for the disk
+            raise _WouldBlock
         fd = file.fd
         try:
             header = self._headers.get(pid)
@@ -914,10 +948,12 @@ class PageCache:
                  prefetch: bool = False) -> None:
         """Store a fetched run: admit, write, then commit. Runs on a writer thread.
 
-        The commit (index entry, INFLIGHT -> READY) happens under ``_lock`` and only for pages
-        the policy still holds: another writer may have evicted a page of this run (even one
-        admitted moments ago in this same loop) while its file was being written; such a
-        file is deleted here, so files, index and policy agree.
+        The index entries are committed outside ``_lock`` (an LMDB commit can wait for the
+        disk and for the maintenance thread's transaction, and the hit path takes
+        ``_lock``); then, under ``_lock``, the pages the policy still holds go INFLIGHT ->
+        READY. Another writer may have evicted a page of this run (even one admitted moments
+        ago in this same loop) while its file was written or indexed: its file and index
+        entry are deleted here, so files, index and policy agree.
         """
         written: list[tuple[bytes, int]] = []
         settled: list[bytes] = []
@@ -926,6 +962,7 @@ class PageCache:
                 pid = page_id(version, index)
                 size = HEADER_SIZE + len(page)
                 owned = self._owned(pid)
+                self._resample_free()
                 with self._lock:
                     admitted, victims = self._admit_locked(pid, size, owned)
                 if victims:
@@ -946,19 +983,25 @@ class PageCache:
                     continue
                 written.append((pid, size))
         finally:
-            committed = 0
             with self._lock:
-                kept = [(pid, size) for pid, size in written if pid in self._policy]
-                if kept:
-                    self._seq += 1
-                    try:
-                        self._index.put((pid, size, self._seq) for pid, size in kept)
-                        committed = len(kept)
-                    except lmdb.Error as exc:
-                        self._disk_error("index", exc)
-                        for pid, _ in kept:
-                            self._policy.remove(pid)
-                        kept = []
+                indexed = [(pid, size) for pid, size in written if pid in self._policy]
+                self._seq += 1
+                seq = self._seq
+            index_failed = False
+            if indexed:
+                try:
+                    self._index.put((pid, size, seq) for pid, size in indexed)
+                except lmdb.Error as exc:
+                    self._disk_error("index", exc)
+                    index_failed = True
+            with self._lock:
+                if index_failed:
+                    for pid, _ in indexed:
+                        self._policy.remove(pid)
+                    kept = []
+                else:
+                    kept = [(pid, size) for pid, size in indexed if pid in self._policy]
+                committed = len(kept)
                 if prefetch:
                     for pid, size in kept:
                         self._prefetched[pid] = size - HEADER_SIZE
@@ -975,6 +1018,12 @@ class PageCache:
                 for pid, _ in written:
                     self._inflight.pop(pid, None)
             kept_ids = {pid for pid, _ in kept}
+            evicted = [pid for pid, _ in indexed if pid not in kept_ids]
+            if evicted and not index_failed:  # evicted while being indexed: entry goes too
+                try:
+                    self._index.delete(evicted)
+                except lmdb.Error as exc:
+                    self._disk_error("index", exc)
             for pid, _ in written:
                 if pid not in kept_ids:  # evicted while being written: its file must go
                     _unlink_quietly(self._path(pid))
@@ -984,10 +1033,6 @@ class PageCache:
     def _admit_locked(self, pid: bytes, size: int,
                       owned: bool = True) -> tuple[bool, list[bytes]]:
         """Ask the policy to admit a page; returns (admitted, pages to evict first)."""
-        now = self._clock()
-        if now - self._free_sampled_at >= 1.0:
-            self._free_estimate = self._sample_free()
-            self._free_sampled_at = now
         # The free-space floor can lower the effective capacity, never raise it.
         room = self._policy.used_bytes + self._free_estimate - self.free_floor_bytes
         victims = list(self._policy.resize(max(0, min(self.capacity_bytes, room))))
@@ -1000,15 +1045,26 @@ class PageCache:
         self._free_estimate += len(victims) * (HEADER_SIZE + PAGE_SIZE)
         return admitted is not None, [bytes(v) for v in victims]
 
+    def _resample_free(self) -> None:
+        """Refresh the free-space estimate once a second, with ``statvfs`` outside ``_lock``
+        (it can wait for the disk)."""
+        now = self._clock()
+        if now - self._free_sampled_at < 1.0:  # racy read: at worst two samples
+            return
+        free = self._sample_free()
+        with self._lock:
+            self._free_estimate = free
+            self._free_sampled_at = now
+
     def _sample_free(self) -> int:
-        """Free bytes on the cache filesystem; 0 (keep nothing) if that cannot be known."""
+        """Free bytes on the cache filesystem; 0 (keep nothing) if that cannot be known.
+        Never called holding ``_lock``."""
         try:
             return self._free_bytes(self._pages_dir)
         except OSError as exc:
             self._metrics.inc("cache_disk_errors_total")
-            if not self._warned_recently_locked("statvfs"):  # resampled every second
-                log.warning("page cache: cannot check free space in %s (%s); keeping no pages "
-                            "until it can", self._pages_dir, exc)
+            self._warn("statvfs", f"page cache: cannot check free space in {self._pages_dir} "
+                       f"({exc}); keeping no pages until it can")
             return 0
 
     def _path(self, pid: bytes) -> str:

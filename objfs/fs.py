@@ -205,6 +205,9 @@ class Filesystem:
         # last handle closes (``_drop_at_close``). Both guarded by _handles_lock.
         self._orphans: dict[int, tuple[Inode, Attrs | None]] = {}
         self._drop_at_close: dict[int, ObjectVersion] = {}
+        # Write states dropped so far (guarded by _handles_lock): a tree record read while
+        # it did not change is not older than any publish of this host (see _write_state).
+        self._forgotten = 0
         self._next_fh = itertools.count(1)
         # ino -> ETag last opened: a re-open of the same version is served from the kernel's
         # page cache (llfuse replies keep_cache), which the daemon never sees; count those.
@@ -366,6 +369,8 @@ class Filesystem:
         writing = bool(flags & _WRITE_FLAGS)
         while True:
             self._wait_for_change(ino, deadline)
+            with self._handles_lock:
+                forgotten = self._forgotten
             inode = self.tree.get(ino)
             if inode.is_dir:
                 raise _error("is a directory", errno.EISDIR)
@@ -381,13 +386,13 @@ class Filesystem:
             with self._handles_lock:
                 if write is None and ino in self._changing:
                     continue  # the version read above is being replaced: wait, read again
-                # The version is read again under the lock that ``_forget_write`` takes
-                # after a publish has updated the tree: a record read before it may be the
-                # one that publish replaced. A read handle of a file whose write state
-                # exists (its last writer's release may still be publishing) follows that
-                # state, whose outcome is the version it will read.
-                inode = self.tree.get(ino)
+                # A read handle of a file whose write state exists (its last writer's
+                # release may still be publishing) follows that state, whose outcome is the
+                # version it will read. If a state was dropped since the tree was read, a
+                # publish may have replaced that record: read it again (see _write_state).
                 follow = self._writes.get(ino) if write is None else None
+                if write is None and follow is None and self._forgotten != forgotten:
+                    continue
                 previous = self._opened.get(ino)
                 if write is None and follow is None and previous == inode.etag:
                     self.metrics.inc("read_kernel_cache_reopens_total")
@@ -523,20 +528,31 @@ class Filesystem:
     def _write_state(self, ino: int) -> WriteState:
         """The shared write state of a file (created on first open for writing).
 
-        A new state starts from the tree record read *here*, under the handles lock: the
-        previous state of the file is dropped (``_forget_write``, same lock) only after its
-        publish has updated the tree, so a record read here is never older than the last
-        publish. (Read before the lock, it could be: an open racing the last writer's
-        release would then stage the old version and fail on it with ESTALE.)"""
-        with self._handles_lock:
-            state = self._writes.get(ino)
-            if state is None:
-                inode = self.tree.get(ino)
+        A new state starts from a tree record that no publish of this host postdates: the
+        previous state of a file is dropped (``_forget_write``) only after its publish has
+        updated the tree, and each drop bumps ``_forgotten``; a record read while no state
+        was dropped is current. (Without the check, an open racing the last writer's release
+        would stage the old version and fail on it with ESTALE.) The tree is read outside
+        the handles lock, which every read takes."""
+        while True:
+            with self._handles_lock:
+                state = self._writes.get(ino)
+                if state is not None:
+                    return state
+                forgotten = self._forgotten
+            inode = self.tree.get(ino)
+            metadata = self._metadata_of(inode)
+            with self._handles_lock:
+                state = self._writes.get(ino)
+                if state is not None:
+                    return state  # another opener made it meanwhile
+                if self._forgotten != forgotten:
+                    continue  # a publish may have replaced the record read above
                 state = self._writes[ino] = WriteState(
                     ino, self.config.store.prefix + inode.relpath, inode.relpath,
-                    inode.etag, inode.size, inode.mtime_ns, self._metadata_of(inode))
+                    inode.etag, inode.size, inode.mtime_ns, metadata)
                 self.tree.pin(ino)
-        return state
+                return state
 
     def _forget_write(self, state: WriteState) -> None:
         """Drop the state of a file nobody has open any more. A state that became dirty
@@ -545,6 +561,7 @@ class Filesystem:
             if state.handles > 0 or state.dirty or self._writes.get(state.ino) is not state:
                 return
             del self._writes[state.ino]
+            self._forgotten += 1
         with state.lock:
             if state.upload is not None:
                 state.upload.abort()
