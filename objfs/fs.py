@@ -299,7 +299,8 @@ class Filesystem:
                 orphan = self._orphans.get(ino)
             if orphan is None:
                 raise
-            return self.attributes(*orphan)  # unlinked, still open: fstat works
+            # unlinked, still open: fstat works and shows no link left
+            return dataclasses.replace(self.attributes(*orphan), nlink=0)
 
     def _inode(self, ino: int) -> Inode:
         """The tree's record of ``ino``, or the last one of an unlinked entry still open."""
@@ -768,7 +769,7 @@ class Filesystem:
                     stale_metadata = essential(metadata) != essential(state.upload_metadata)
                 info = state.upload.finish()
             elif state.staged is not None:
-                info = state.staged.upload(metadata)
+                info = state.staged.upload(metadata, key=state.key)
             else:
                 info = self.loop.run(self.store.put_object(state.key, b"", metadata))
         except (ObjfsError, OSError) as exc:
@@ -796,9 +797,23 @@ class Filesystem:
         state.metadata = metadata
         self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
                          mtime_ns=state.mtime_ns)
+        self._published(state.ino, ObjectVersion(self.config.store.bucket, state.key,
+                                                 info.etag, info.size))
         if wrote and not state.mtime_explicit:
             self.tree.set_attrs(state.ino, clear_mtime=True)
         self.metrics.inc("write_commits_total")
+
+    def _published(self, ino: int, version: ObjectVersion) -> None:
+        """This host published a new version of ``ino``: every read handle of it reads that
+        version from now on, whatever it pinned at open. It is what every process here has
+        seen through the kernel (which the writes went through); a handle left on the old
+        version would read short at the old size, which makes the kernel shrink the file
+        (and an O_APPEND writer then overwrite its tail)."""
+        with self._handles_lock:
+            for handle in self._files.values():
+                if handle.inode.ino == ino and handle.write is None:
+                    handle.version = version
+                    handle.follow = None
 
     def _discard_pending(self, state: WriteState) -> None:
         """Drop unpublished content (caller holds ``state.lock``)."""
@@ -887,8 +902,10 @@ class Filesystem:
             elif inode.etag:
                 info = self.loop.run(self.store.copy_object(key, key, inode.size, metadata,
                                                             src_etag=inode.etag))
+                # chmod/chown are not writes: the file keeps its mtime (the copy's
+                # LastModified is when it was made).
                 self.tree.upsert(inode.relpath, size=inode.size, etag=info.etag,
-                                 mtime_ns=info.mtime_ns)
+                                 mtime_ns=inode.mtime_ns)
                 self._moved({ino: info})  # a self-copy may change the ETag, not the bytes
                 self.metrics.inc("write_metadata_copies_total")
         return self.attributes(self.tree.get(ino))
@@ -927,6 +944,12 @@ class Filesystem:
             raise _error("the object key would exceed 1024 bytes", errno.ENAMETOOLONG)
         return parent_inode, relpath
 
+    def _group_for(self, directory: Inode, gid: int) -> int:
+        """The group of a new entry: the caller's, or the directory's if it is setgid (as
+        on a local disk: shared project directories rely on it)."""
+        attrs = self.attributes(directory)
+        return attrs.gid if attrs.mode & stat.S_ISGID else gid
+
     def _exists(self, parent: int, name: bytes) -> Inode | None:
         try:
             return self.tree.lookup(parent, name)
@@ -937,7 +960,8 @@ class Filesystem:
                gid: int) -> tuple[int, Attributes]:
         """A new empty file, published at its first flush (an empty object if nothing is
         written). Until then it exists only in this host's tree."""
-        _, relpath = self._child_relpath(parent, name)
+        parent_inode, relpath = self._child_relpath(parent, name)
+        gid = self._group_for(parent_inode, gid)
         existing = self._exists(parent, name)
         if existing is not None:
             if flags & os.O_EXCL:
@@ -965,9 +989,12 @@ class Filesystem:
 
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attributes:
         """A directory is a marker object ``dir/`` carrying the mode, as s3fs writes it."""
-        _, relpath = self._child_relpath(parent, name)
+        parent_inode, relpath = self._child_relpath(parent, name)
         if self._exists(parent, name) is not None:
             raise _error("file exists", errno.EEXIST)
+        parent_attrs = self.attributes(parent_inode)
+        if parent_attrs.mode & stat.S_ISGID:  # a setgid directory's subdirectory: its group, setgid
+            gid, mode = parent_attrs.gid, mode | stat.S_ISGID
         full_mode = stat.S_IFDIR | (mode & 0o7777)
         now = self._clock()
         key = self.config.store.prefix + relpath + "/"
@@ -1017,12 +1044,15 @@ class Filesystem:
         if state is not None:
             with state.lock:  # waits for a publish in progress; none may follow
                 state.unlinked = True
-                if state.upload is not None:
-                    try:
-                        self._stage(state)  # stop uploading parts of a file nobody will see
-                    except UploadFailed as exc:
-                        log.warning("%s: unlinked while written, its local copy is lost: %s",
-                                    state.key, exc)
+                try:
+                    if state.upload is not None or (state.size and not state.dirty):
+                        # Streaming: stop uploading parts of a file nobody will see. Open for
+                        # writing but not written yet: its content must be here before the
+                        # object goes, for the writes to come (a download of the object).
+                        self._stage(state)
+                except ObjfsError as exc:
+                    log.warning("%s: unlinked while open for writing, its content is not "
+                                "kept: %s", state.key, exc)
             inode = self.tree.get(inode.ino)
         attrs = self.tree.attrs(inode.ino)
         with self._handles_lock:
@@ -1120,7 +1150,7 @@ class Filesystem:
             with self._handles_lock:
                 state = self._writes.get(src.ino)
             if state is not None:
-                self._commit(state)
+                self._keep_local(state)  # its pending bytes follow it, published at close
                 src = self.tree.get(src.ino)
             if target is not None:
                 # Its writers must not publish over the renamed file later (as after unlink).
@@ -1150,7 +1180,11 @@ class Filesystem:
         prefix = self.config.store.prefix
         old_prefix, new_prefix = prefix + src.relpath, prefix + new_dir
         with self.tree.local_change(old_prefix, new_prefix):
-            self._commit_under(src.relpath)
+            with self._handles_lock:
+                below = [st for st in self._writes.values()
+                         if st.relpath.startswith(src.relpath)]
+            for state in below:
+                self._keep_local(state)
             objects = [obj for page in self.store.list_pages(old_prefix) for obj in page]
             if len(objects) > self.config.rename_dir_limit:
                 raise _error(f"renaming {src.relpath} would copy {len(objects)} objects, over "
@@ -1232,11 +1266,21 @@ class Filesystem:
                     handle.version = ObjectVersion(handle.version.bucket, info.key, info.etag,
                                                    info.size)
 
-    def _commit_under(self, dir_relpath: str) -> None:
-        with self._handles_lock:
-            states = [s for s in self._writes.values() if s.relpath.startswith(dir_relpath)]
-        for state in states:
-            self._commit(state)
+    def _keep_local(self, state: WriteState) -> None:
+        """A file being written is about to change its key (a rename): its pending bytes must
+        not be published under the old key (a partial object every host would see) nor
+        downloaded again. A streaming upload is bound to its key, so it hands its local copy
+        over as a staged file (its parts are discarded and sent again at close, under the new
+        key). If that local copy was lost (the cache disk filled up), the write has failed
+        and reports it at its next write or close; the rename goes on with the published
+        version."""
+        with state.lock:
+            if state.upload is not None:
+                try:
+                    self._stage(state)
+                except UploadFailed as exc:
+                    log.warning("%s: renamed while being written, without its local copy: %s",
+                                state.key, exc)
 
     # ---- extended attributes ---------------------------------------------------------------
 

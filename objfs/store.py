@@ -78,6 +78,8 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 # S3's limits: one CopyObject copies at most 5 GiB; a multipart upload has at most 10,000 parts.
 COPY_MAX_BYTES = 5 * GiB
+# How long a CompleteMultipartUpload answer may take (S3 can take minutes for large objects).
+COMPLETE_TIMEOUT_S = 300.0
 MAX_PARTS = 10_000
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -640,21 +642,26 @@ class ObjectStore:
                        headers: Mapping[str, str] | None = None,
                        body: bytes | bytearray | memoryview | None = None,
                        ok: Sequence[int] = (200,), error_in_200: bool = False,
-                       content_md5: bool = False) -> _Reply:
+                       content_md5: bool = False, read_timeout_s: float | None = None,
+                       budget_s: float | None = None) -> _Reply:
         """One origin request under the retry policy: signed, sent, answer read whole.
 
         ``body`` must stay unchanged until this returns (it is re-sent on a retry). A status
         outside ``ok`` (or, with ``error_in_200``, an ``<Error>`` document in a 200) raises the
-        classified ``OriginError``. Metrics: ``origin_{what}_requests_total``,
-        ``_errors_total``, ``_retries_total`` and ``origin_{what}_bytes`` (body bytes sent).
+        classified ``OriginError``. ``read_timeout_s``/``budget_s`` override the store's
+        read timeout and retry budget for this request. Metrics:
+        ``origin_{what}_requests_total``, ``_errors_total``, ``_retries_total`` and
+        ``origin_{what}_bytes`` (body bytes sent).
         """
         url = self._url(key, query)
         view = _as_view(body) if body is not None else None
         payload_hash, extra = await self._payload_headers(url, view, content_md5)
         base_headers = {**(headers or {}), **extra}
         target = f"{what} {key if key is not None else self.config.bucket}"
-        backoff = Backoff(self.config.retry, clock=self._clock)
+        backoff = Backoff(self.config.retry, clock=self._clock, budget_s=budget_s)
         session = await self._session()
+        timeout = None if read_timeout_s is None else aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout_s, sock_read=read_timeout_s)
         while True:
             self._metrics.inc(f"origin_{what}_requests_total")
             try:
@@ -662,7 +669,8 @@ class ObjectStore:
                                                       payload_hash)
                 data = _BufferPayload(view) if view is not None else None
                 async with session.request(method, yarl.URL(url, encoded=True), headers=signed,
-                                           data=data, allow_redirects=False) as resp:
+                                           data=data, allow_redirects=False,
+                                           **({"timeout": timeout} if timeout else {})) as resp:
                     reply = await resp.read()
                     if resp.status not in ok or (error_in_200 and resp.status == 200
                                                  and _is_error_document(reply)):
@@ -746,13 +754,17 @@ class ObjectStore:
                       f"</Part>" for number, etag in parts)
         body = f"<CompleteMultipartUpload>{doc}</CompleteMultipartUpload>".encode()
         try:
-            reply = await self._request("complete_multipart", "POST", key, body=body,
-                                        query={"uploadId": upload_id}, error_in_200=True)
-        except OriginError as exc:
-            if exc.code != "NoSuchUpload":
-                raise
-            # A retry after a completion whose answer was lost finds the upload gone. If the
-            # object is exactly ours (its ETag is the multipart ETag of our parts), it worked.
+            # Completing a large object can take the server minutes (S3 keeps the connection
+            # alive meanwhile): the answer gets its own read timeout and retry budget.
+            reply = await self._request(
+                "complete_multipart", "POST", key, body=body, query={"uploadId": upload_id},
+                error_in_200=True,
+                read_timeout_s=max(self.config.read_timeout_s, COMPLETE_TIMEOUT_S),
+                budget_s=max(self.config.retry.budget_s, 2 * COMPLETE_TIMEOUT_S))
+        except OriginError:
+            # The answer was lost (a timeout, a reset, a retry finding the upload gone) but
+            # the completion may have happened: if the object is exactly ours (its ETag is
+            # the multipart ETag of our parts), it worked.
             done = await self._completed_as(key, parts)
             if done is None:
                 raise
@@ -781,15 +793,24 @@ class ObjectStore:
             return None
         return meta.info if meta.info.etag == expected else None
 
-    async def abort_multipart(self, key: str, upload_id: str) -> None:
-        """AbortMultipartUpload; an upload that is already gone (404) counts as aborted."""
+    async def abort_multipart(self, key: str, upload_id: str) -> bool:
+        """AbortMultipartUpload; an upload that is already gone (404) counts as aborted.
+        Returns False in that case: it may have been completed (see ``completed_as``)."""
+        gone = False
         try:
             await self._request("abort_multipart", "DELETE", key, query={"uploadId": upload_id},
                                 ok=(200, 204))
         except OriginError as exc:
             if exc.status != 404:
                 raise
+            gone = True
         self._upload_ended(upload_id)
+        return not gone
+
+    async def completed_as(self, key: str,
+                           parts: Sequence[tuple[int, str]]) -> ObjectInfo | None:
+        """The object at ``key`` if it is the completion of exactly ``parts``, else None."""
+        return await self._completed_as(key, parts)
 
     def _upload_ended(self, upload_id: str) -> None:
         if self.uploads is not None:

@@ -763,11 +763,13 @@ class MetadataTree:
             old = txn.get(raw_ino, db=self._inodes)
             _, _, _, size, mtime, _, etag_len = _RECORD.unpack_from(old)
             if old[_RECORD.size:_RECORD.size + etag_len] == etag and size == obj.size:
-                if mtime != obj.mtime_ns:
+                # The same version: its record stands, mtime included. A listing's
+                # LastModified is when the object was stored (a copy for chmod or rename,
+                # whole seconds on some stores), not when the file was last written, which
+                # is what this host recorded at publish.
+                if local_mtime_ns is not None and mtime != obj.mtime_ns:
                     txn.put(raw_ino, old[:_MTIME_OFFSET] + _MTIME.pack(obj.mtime_ns)
                             + old[_MTIME_OFFSET + 8:], db=self._inodes)
-                    if seen is not None:
-                        self._attr_changed(raw_ino)
                 return next_ino
             changed.append(_U64.unpack(raw_ino)[0])
             stats.changed += 1

@@ -476,6 +476,7 @@ class SequentialUpload:
         self._etags: dict[int, str] = {}
         self._error: BaseException | None = None
         self._upload_id: str | None = None
+        self._upload_gone = False  # the abort found no such upload (it may have completed)
 
         self._create_task: asyncio.Future[str] | None = None
         self._abort_task: asyncio.Future[None] | None = None
@@ -550,7 +551,10 @@ class SequentialUpload:
                     info = self._loop.run(self._complete())
                     self._metrics.inc("upload_multipart_total")
             except BaseException as exc:
-                raise self._fail(exc) from exc
+                failure = self._fail(exc)
+                info = self._completed_after_all()
+                if info is None:
+                    raise failure from exc
             self._result = info
             self._closed = "finished"
             self._close_spool()
@@ -782,6 +786,25 @@ class SequentialUpload:
             log.error("upload of %s failed: %s", self.key, err)
         return True
 
+    def _completed_after_all(self) -> ObjectInfo | None:
+        """After a failed completion whose abort found the upload already gone: the server
+        may have completed it after all (its answer lost or late). If the object is exactly
+        ours, it was published, and saying EIO would be false."""
+        with self._state:
+            if not self._upload_gone or self._upload_id is None:
+                return None
+            parts = sorted(self._etags.items())
+        try:
+            info = self._loop.run(self._store.completed_as(self.key, parts))
+        except Exception:  # noqa: BLE001 - the failure already being raised stands
+            return None
+        if info is not None:
+            self._metrics.inc("upload_completed_after_all_total")
+            log.warning("upload of %s: its completion was reported failed but had happened; "
+                        "the object is published", self.key)
+            info = dataclasses.replace(info, size=self._written)
+        return info
+
     def _fail(self, exc: BaseException) -> UploadFailed:
         """The failure path of ``finish``: latch, abort remotely, free; the error to raise."""
         self._latch(exc)
@@ -906,7 +929,9 @@ class SequentialUpload:
         if upload_id is None:
             return
         try:
-            await self._store.abort_multipart(self.key, upload_id)
+            aborted = await self._store.abort_multipart(self.key, upload_id)
+            with self._state:
+                self._upload_gone = not aborted
         except Exception as exc:
             self._metrics.inc("upload_abort_failures_total")
             log.error("could not abort the multipart upload of %s (%s): %s", self.key,
@@ -1051,11 +1076,13 @@ class StagedFile:
         self.pwrite(start, data)
         self._metrics.inc("upload_staged_download_bytes", len(data))
 
-    def upload(self, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
-        """Upload the staged content as the object (one PUT if small, else multipart), then
-        close. BLOCKS. Raises ``UploadFailed`` (nothing published)."""
+    def upload(self, metadata: Mapping[str, str] | None = None, *,
+               key: str | None = None) -> ObjectInfo:
+        """Upload the staged content as the object ``key`` (default: the key it was staged
+        for; a renamed file publishes under its new name) in one PUT if small, else
+        multipart, then close. BLOCKS. Raises ``UploadFailed`` (nothing published)."""
         upload = self._settings.upload(
-            self.key, self.metadata if metadata is None else metadata, reorder_wait_s=0)
+            key or self.key, self.metadata if metadata is None else metadata, reorder_wait_s=0)
         block_size = self._settings.schedule.block_size
         try:
             with self._lock:

@@ -64,6 +64,7 @@ class Fault:
     cut_after: int | None = None  # cut the body after this many bytes instead of failing
     match: Callable[[str], bool] | None = None  # only requests whose path+query match
     delay_s: float = 0.0  # hold the request this long, then forward it (no failure)
+    forward: bool = False  # forward it (the server acts on it), then answer the error
 
 
 class FaultProxy:
@@ -92,6 +93,13 @@ class FaultProxy:
                   match: Callable[[str], bool] | None = None) -> None:
         with self._lock:
             self._faults[kind] = [Fault(count, status, code, match=match)]
+
+    def forward_then_fail(self, kind: str, count: int, status: int = 500,
+                          code: str = "InternalError") -> None:
+        """Forward the next ``count`` requests of ``kind`` (the server does the work) but
+        answer them with an error: an answer lost on the way back."""
+        with self._lock:
+            self._faults[kind] = [Fault(count, status, code, forward=True)]
 
     def delay_next(self, kind: str, count: int, seconds: float) -> None:
         """Hold the next ``count`` requests of ``kind`` for ``seconds``, then forward them."""
@@ -150,6 +158,15 @@ class FaultProxy:
         if fault is not None and fault.delay_s:
             await asyncio.sleep(fault.delay_s)
             fault = None
+        if fault is not None and fault.forward:
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in ("transfer-encoding", "content-length")}
+            assert self._session is not None
+            async with self._session.request(request.method, self.upstream + request.path_qs,
+                                             headers=headers, data=body or None,
+                                             allow_redirects=False) as upstream:
+                await upstream.read()
         if fault is not None and fault.cut_after is None:
             await request.read()  # take the whole upload first: the client sees the answer
             body = (f"<?xml version=\"1.0\"?><Error><Code>{fault.code}</Code>"

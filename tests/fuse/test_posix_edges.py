@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -105,3 +106,45 @@ def test_an_existing_cache_dir_is_made_private(s3, bucket, mounter, tmp_path,
     os.chmod(cache, existing_mode)
     mounter(f"s3://{bucket}", cache_dir=cache)
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("attr_timeout", [None, "1"])
+def test_tail_f_sees_lines_another_process_appends(s3, bucket, mounter,
+                                                   attr_timeout: str | None) -> None:
+    """A reader holding the file open (tail -f) while shells append to it: it reads every
+    line, and no line is lost (a reader left on the old version once read short, the kernel
+    shrank the file to that, and the next append overwrote the lines before it). With a
+    1 s attribute timeout the kernel asks for the size again between lines, as tail -f's
+    pauses let it."""
+    extra = ["--attr-timeout", attr_timeout] if attr_timeout else []
+    mount = mounter(f"s3://{bucket}", *extra)
+    path = mount.path / "log.txt"
+    path.write_bytes(b"start\n")
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.read(reader, 100) == b"start\n"
+        for n in range(4):
+            subprocess.run(["sh", "-c", f'echo "line {n}" >> "{path}"'], check=True)
+            if attr_timeout:
+                time.sleep(1.2)
+            os.fstat(reader)  # what tail -f does before reading
+            assert os.read(reader, 100) == f"line {n}\n".encode()
+    finally:
+        os.close(reader)
+    expected = b"start\n" + b"".join(f"line {n}\n".encode() for n in range(4))
+    assert path.read_bytes() == expected
+    assert s3.get_object(Bucket=bucket, Key="log.txt")["Body"].read() == expected
+
+
+def test_a_new_open_never_sees_the_version_a_local_overwrite_replaced(s3, bucket, mounter):
+    mount = mounter(f"s3://{bucket}")
+    path = mount.path / "f"
+    path.write_bytes(b"AAAA")
+    holder = os.open(path, os.O_RDONLY)
+    try:
+        assert os.read(holder, 10) == b"AAAA"
+        subprocess.run(["sh", "-c", f'printf BBBB > "{path}"'], check=True)
+        assert os.pread(holder, 10, 0) == b"BBBB"
+        assert path.read_bytes() == b"BBBB"
+    finally:
+        os.close(holder)
