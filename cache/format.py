@@ -2,20 +2,21 @@
 
 A page file must prove, on every read, that it holds the bytes it claims: the header names the
 object version (bucket, key, ETag) and the page index, and carries an xxh3-64 checksum of each
-128 KiB chunk of the data plus one of the header itself. A hit verifies the header and only the
-chunks it returns, so a 128 KiB kernel read costs one 128 KiB checksum (~8 µs at xxh3's
-~17 GB/s here) rather than the whole page. Anything that does not verify is ``CorruptPage``:
+32 KiB chunk of the data plus one of the header itself. A hit verifies the header and only the
+chunks it returns, so a 128 KiB kernel read costs four 32 KiB checksums (~8 µs at xxh3's
+~17 GB/s here) rather than the whole page, and a 4 KiB random read one (format 1 had 128 KiB
+chunks: a 4 KiB hit read and hashed 128 KiB, a third of its cost). Anything that does not verify is ``CorruptPage``:
 the cache treats it as a miss and refetches; the origin holds the truth.
 
-Layout, format version 1 (big-endian; pinned by a golden-bytes test, so a change here must bump
+Layout, format version 2 (big-endian; pinned by a golden-bytes test, so a change here must bump
 ``FORMAT_VERSION``)::
 
     0   8s  magic b"OBJFSPG\\0"
-    8   H   format version (1)
+    8   H   format version (2)
     10  H   header size = data offset (4096)
     12  I   page index
     16  I   data length (bytes of this page; the last page of an object is short)
-    20  I   chunk size (131072)
+    20  I   chunk size (32768)
     24  H   chunk count
     26  H   bucket length      28  H  key length      30  H  etag length
     32  Q   xxh3-64 of the 4096 header bytes with this field zeroed
@@ -33,9 +34,9 @@ import struct
 import xxhash
 
 MAGIC = b"OBJFSPG\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 32 KiB chunks (1: 128 KiB)
 HEADER_SIZE = 4096
-CHUNK_SIZE = 128 * 1024
+CHUNK_SIZE = 32 * 1024
 
 _FIXED = struct.Struct(">8sHHIIIHHHHQ")
 _CHECKSUM_OFFSET = 32

@@ -98,7 +98,7 @@ _MAINTENANCE_INTERVAL_S = 2.0
 # while the page exists; it is dropped when the page goes.
 _HEADER_CACHE_ENTRIES = 16384
 _OPEN_PAGE_FILES = 256  # descriptors kept open between hits (a 256 MiB working set)
-_SCRATCH_BYTES = 2 * CHUNK_SIZE  # per reader thread: any read up to 128 KiB, unaligned
+_SCRATCH_BYTES = 128 * 1024 + CHUNK_SIZE  # per reader thread: a read up to 128 KiB, unaligned
 
 
 def _page_pieces(version: ObjectVersion, span: range, ids: list[bytes], offset: int,
@@ -290,6 +290,7 @@ class PageCache:
                  free_floor_bytes: int = 0, request_pages: int = 8, parallelism: int = 8,
                  max_window_pages: int = 32, writer_threads: int = 2,
                  fetch_timeout_s: float = 300.0, unkept_pages: int = 64,
+                 fresh_bytes: int | None = None,
                  free_bytes: Callable[[Path], int] = statvfs_free_bytes,
                  clock: Callable[[], float] = time.monotonic,
                  background: bool = True, extent_pages: int | None = None,
@@ -333,6 +334,13 @@ class PageCache:
         # would be fetched once per piece. Bounded LRU of done futures.
         self._unkept: OrderedDict[bytes, Future] = OrderedDict()  # guarded by _lock
         self._unkept_pages = unkept_pages
+        # Pages just fetched and stored, still in memory (views into their run's buffer):
+        # a sequential reader reads them moments after readahead fetched them, and serving
+        # them from here spares a page-file read and a checksum per 128 KiB. Bounded LRU:
+        # ``_fresh_limit`` pages (a readahead window twice over, at least 64).
+        self._fresh: OrderedDict[bytes, memoryview] = OrderedDict()  # guarded by _lock
+        self._fresh_limit = max(64, 2 * max_window_pages) if fresh_bytes is None \
+            else fresh_bytes // PAGE_SIZE
         self._headers: dict[bytes, PageHeader] = {}  # pid -> verified header; see above
         self._files = OpenPageFiles(_OPEN_PAGE_FILES)
         self._nowait_reads = hasattr(os, "RWF_NOWAIT")  # off if the kernel refuses it
@@ -489,20 +497,29 @@ class PageCache:
             return PageState.READY if pid in self._policy else PageState.MISSING
 
     def read(self, version: ObjectVersion, offset: int, size: int,
-             stream: ReadStream | None = None) -> bytes:
-        """Bytes [offset, offset+size) of ``version`` (short at its end). Blocks on misses."""
+             stream: ReadStream | None = None, *, zero_copy: bool = False) -> bytes:
+        """Bytes [offset, offset+size) of ``version`` (short at its end). Blocks on misses.
+
+        With ``zero_copy`` the result may be a memoryview of a buffer that this thread's
+        next read reuses: for a caller that hands it on at once (the FUSE reply)."""
         span = page_span(offset, size, version.size)
         if not span:
             return b""
         window = stream.observe(offset, size) if stream is not None else 1
         ids = [page_id(version, i) for i in span]
         waits: dict[int, Future] = {}
+        fresh: dict[int, memoryview] = {}
         claimed: list[tuple[int, Future]] = []
         ahead: list[tuple[int, Future]] = []
         joined: list[bytes] = []  # pages someone else is fetching: maybe less urgently
         with self._lock:
             for index, pid in zip(span, ids):
                 fut = self._inflight.get(pid)
+                if fut is None and (page := self._fresh.get(pid)) is not None:
+                    fresh[index] = page
+                    self._fresh.move_to_end(pid)
+                    self._touch_locked(pid)
+                    continue
                 if fut is None and pid not in self._policy:
                     fut = self._unkept.get(pid)
                     if fut is not None:
@@ -521,12 +538,30 @@ class PageCache:
         if joined:
             self._promote(joined, Priority.DEMAND)
         self._start_readahead(version, ahead)
-        pieces = [self._page_bytes(version, index, pid, lo, hi, waits.get(index))
+        view = zero_copy and len(span) == 1  # a scratch buffer serves one piece at a time
+        pieces = [self._fresh_bytes(pid, fresh[index], lo, hi, view) if index in fresh else
+                  self._page_bytes(version, index, pid, lo, hi, waits.get(index), view)
                   for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def _fresh_bytes(self, pid: bytes, page: memoryview, lo: int, hi: int,
+                     view: bool) -> bytes:
+        with self._lock:
+            prefetched = self._read_prefetched_locked(pid, hi - lo)
+        self._count_hit(hi - lo, prefetched)
+        self._metrics.inc("read_fresh_bytes", hi - lo)
+        return page[lo:hi] if view else bytes(page[lo:hi])  # type: ignore[return-value]
+
+    def _touch_locked(self, pid: bytes) -> None:
+        """A use of a READY page (caller holds _lock): LRU order, last use, and the hit
+        accounting of readahead."""
+        self._policy.touch(pid)
+        self._seq += 1
+        self._touched[pid] = self._seq
+
     def read_if_ready(self, version: ObjectVersion, offset: int, size: int,
-                      stream: ReadStream | None = None) -> bytes | None:
+                      stream: ReadStream | None = None, *,
+                      zero_copy: bool = False) -> bytes | None:
         """``read`` for when waiting is not allowed (the FUSE adapter calls it holding
         llfuse's lock, which saves two lock hand-offs per hit): the bytes if every page is
         READY and its data is in the kernel's page cache (``RWF_NOWAIT``), else None, having
@@ -537,27 +572,73 @@ class PageCache:
         span = page_span(offset, size, version.size)
         if not span:
             return b""
+        if len(span) == 1:
+            data = self._read_one_if_ready(version, span.start, offset, size, zero_copy)
+            if data is not None and stream is not None:
+                self._observe(version, span, stream, offset, size)
+            return data
         ids = [page_id(version, i) for i in span]
+        fresh: dict[bytes, memoryview] = {}
         with self._lock:
             for pid in ids:
-                if pid in self._inflight or pid not in self._policy:
+                if pid in self._inflight:
                     return None
+                page = self._fresh.get(pid)
+                if page is not None:
+                    fresh[pid] = page
+                    self._fresh.move_to_end(pid)
+                    self._touch_locked(pid)
+                elif pid not in self._policy:
+                    return None
+        view = zero_copy and len(span) == 1
         pieces = []
         for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size):
+            if pid in fresh:
+                pieces.append(self._fresh_bytes(pid, fresh[pid], lo, hi, view))
+                continue
             try:
-                data = self._read_ready(version, index, pid, lo, hi, nowait=True)
+                data = self._read_ready(version, index, pid, lo, hi, nowait=True, view=view)
             except _WouldBlock:
                 return None
             if data is None:
                 return None
             pieces.append(data)
         if stream is not None:
-            window = stream.observe(offset, size)
-            if window > len(span):
-                with self._lock:
-                    ahead = self._claim_readahead_locked(version, span, window, stream)
-                self._start_readahead(version, ahead)
+            self._observe(version, span, stream, offset, size)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _read_one_if_ready(self, version: ObjectVersion, index: int, offset: int, size: int,
+                           zero_copy: bool) -> bytes | None:
+        """``read_if_ready`` of a read within one page: the common case (the kernel asks for
+        128 KiB, a page holds eight), without the lists of the general path."""
+        pid = page_id(version, index)
+        with self._lock:
+            if pid in self._inflight:
+                return None
+            page = self._fresh.get(pid)
+            if page is not None:
+                self._fresh.move_to_end(pid)
+                self._touch_locked(pid)
+            elif pid not in self._policy:
+                return None
+        base = index * PAGE_SIZE
+        lo, hi = offset - base, min(offset + size, version.size) - base
+        if page is not None:
+            return self._fresh_bytes(pid, page, lo, hi, zero_copy)
+        try:
+            return self._read_ready(version, index, pid, lo, hi, nowait=True, view=zero_copy)
+        except _WouldBlock:
+            return None
+
+    def _observe(self, version: ObjectVersion, span: range, stream: ReadStream, offset: int,
+                 size: int) -> None:
+        """A read was served from the cache: the reader's stream goes on, and a sequential
+        one's readahead is topped up."""
+        window = stream.observe(offset, size)
+        if window > len(span):
+            with self._lock:
+                ahead = self._claim_readahead_locked(version, span, window, stream)
+            self._start_readahead(version, ahead)
 
     def _start_readahead(self, version: ObjectVersion, ahead: list[tuple[int, Future]]) -> None:
         if ahead:
@@ -597,9 +678,9 @@ class PageCache:
         return ahead
 
     def _page_bytes(self, version: ObjectVersion, index: int, pid: bytes, lo: int, hi: int,
-                    fut: Future | None) -> bytes:
+                    fut: Future | None, view: bool = False) -> bytes:
         if fut is None:
-            data = self._read_ready(version, index, pid, lo, hi)
+            data = self._read_ready(version, index, pid, lo, hi, view=view)
             if data is not None:
                 return data
             fut = self._claim_after_bad_page(version, index, pid)
@@ -611,7 +692,7 @@ class PageCache:
         except ObjfsError as exc:
             raise copy.copy(exc) from None  # one instance per waiter: tracebacks are per raise
         self._metrics.inc("read_fetched_bytes", hi - lo)
-        return bytes(page[lo:hi])
+        return page[lo:hi] if view else bytes(page[lo:hi])
 
     def _claim_after_bad_page(self, version: ObjectVersion, index: int, pid: bytes) -> Future:
         with self._lock:
@@ -762,10 +843,12 @@ class PageCache:
         return futures
 
     def _read_ready(self, version: ObjectVersion, index: int, pid: bytes, lo: int,
-                    hi: int, nowait: bool = False, account: bool = True) -> bytes | None:
+                    hi: int, nowait: bool = False, account: bool = True,
+                    view: bool = False) -> bytes | None:
         """A READY page's bytes [lo, hi), verified; None if it must be refetched. With
         ``nowait``, raises ``_WouldBlock`` where reading would wait for the disk. Without
-        ``account`` the read is not a use (no touch, no read counters)."""
+        ``account`` the read is not a use (no touch, no read counters). With ``view``, a
+        memoryview that may be this thread's scratch buffer (valid until its next read)."""
         path = self._path(pid)
         try:
             file = self._files.borrow(pid, path, open_file=not nowait)
@@ -796,7 +879,8 @@ class PageCache:
             if len(raw) != wanted:  # a truncated file: a short pread would verify nothing
                 raise CorruptPage(f"page file holds {len(raw)} of {wanted} bytes at {start}")
             verify_chunks(header, first, raw)
-            data = bytes(raw[lo - start:hi - start])  # raw may be this thread's scratch
+            piece = raw[lo - start:hi - start]
+            data = piece if view else bytes(piece)  # raw may be this thread's scratch
         except CorruptPage as exc:
             self._metrics.inc("cache_corrupt_pages_total")
             self._warn("corrupt", f"corrupt cached page {path} ({exc}): refetching")
@@ -811,20 +895,27 @@ class PageCache:
         if not account:
             return data
         with self._lock:
-            self._policy.touch(pid)
-            self._seq += 1
-            self._touched[pid] = self._seq
-            unread = self._prefetched.get(pid)
-            if unread is not None:
-                if unread - (hi - lo) <= 0:
-                    del self._prefetched[pid]
-                else:
-                    self._prefetched[pid] = unread - (hi - lo)
-        self._metrics.inc("read_cache_bytes", hi - lo)
-        # A page readahead fetched moments ago is no cache hit: the origin just served it.
-        self._metrics.inc("read_prefetched_bytes" if unread is not None
-                          else "read_cache_hit_bytes", hi - lo)
+            self._touch_locked(pid)
+            prefetched = self._read_prefetched_locked(pid, hi - lo)
+        self._count_hit(hi - lo, prefetched)
         return data
+
+    def _read_prefetched_locked(self, pid: bytes, n: int) -> bool:
+        """Count ``n`` bytes of ``pid`` read; True if readahead stored it moments ago and
+        it had not been read yet (caller holds _lock)."""
+        unread = self._prefetched.get(pid)
+        if unread is None:
+            return False
+        if unread - n <= 0:
+            del self._prefetched[pid]
+        else:
+            self._prefetched[pid] = unread - n
+        return True
+
+    def _count_hit(self, n: int, prefetched: bool) -> None:
+        # A page readahead fetched moments ago is no cache hit: the origin just served it.
+        self._metrics.inc2("read_cache_bytes",
+                           "read_prefetched_bytes" if prefetched else "read_cache_hit_bytes", n)
 
     def _read_chunks(self, fd: int, size: int, offset: int, nowait: bool) -> memoryview:
         """Bytes of a page file (a header, or checksum chunks), read into this thread's
@@ -957,8 +1048,10 @@ class PageCache:
         """
         written: list[tuple[bytes, int]] = []
         settled: list[bytes] = []
+        index_of: dict[bytes, int] = {}  # pid -> position in ``pages``
         try:
             for index, page in zip(run, pages):
+                index_of[page_id(version, index)] = index - run.start
                 pid = page_id(version, index)
                 size = HEADER_SIZE + len(page)
                 owned = self._owned(pid)
@@ -1017,6 +1110,11 @@ class PageCache:
                     self._unkept.popitem(last=False)
                 for pid, _ in written:
                     self._inflight.pop(pid, None)
+                for pid, _ in kept:
+                    self._fresh[pid] = pages[index_of[pid]]
+                    self._fresh.move_to_end(pid)
+                while len(self._fresh) > self._fresh_limit:
+                    self._fresh.popitem(last=False)
             kept_ids = {pid for pid, _ in kept}
             evicted = [pid for pid, _ in indexed if pid not in kept_ids]
             if evicted and not index_failed:  # evicted while being indexed: entry goes too
@@ -1133,6 +1231,7 @@ class PageCache:
             for index in range(version.page_count()):
                 pid = page_id(version, index)
                 self._unkept.pop(pid, None)
+                self._fresh.pop(pid, None)
                 if pid not in self._inflight and self._policy.remove(pid):
                     pids.append(pid)
         self._remove_pages(pids, evicted=False)

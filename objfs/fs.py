@@ -457,6 +457,8 @@ class Filesystem:
                 self._reads_done.notify_all()
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        """The bytes, possibly as a memoryview of a buffer this thread's next read reuses:
+        hand it on (the FUSE reply) before reading again."""
         handle, state = self._begin_read(fh, offset, size)
         try:
             if state is not None:
@@ -464,9 +466,10 @@ class Filesystem:
                 if data is None:
                     data = self.cache.read(
                         ObjectVersion(handle.version.bucket, state.key, state.etag, state.size),
-                        offset, size, handle.stream)
+                        offset, size, handle.stream, zero_copy=True)
             else:
-                data = self.cache.read(handle.version, offset, size, handle.stream)
+                data = self.cache.read(handle.version, offset, size, handle.stream,
+                                       zero_copy=True)
         finally:
             self._end_read(handle)
         self.metrics.inc("fuse_read_bytes", len(data))
@@ -480,7 +483,8 @@ class Filesystem:
         try:
             if state is not None:
                 return None  # being written here: pending bytes, locks; the slow path
-            data = self.cache.read_if_ready(handle.version, offset, size, handle.stream)
+            data = self.cache.read_if_ready(handle.version, offset, size, handle.stream,
+                                            zero_copy=True)
         finally:
             self._end_read(handle)
         if data is not None:

@@ -37,8 +37,21 @@ class Metrics:
         return shard
 
     def inc(self, name: str, value: float = 1) -> None:
-        shard = self._shard()
+        # Inlined shard lookup: this runs several times per FUSE read (~0.3 µs saved each).
+        try:
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
         shard[name] = shard.get(name, 0) + value
+
+    def inc2(self, first: str, second: str, value: float) -> None:
+        """``inc(first, value)`` and ``inc(second, value)`` with one shard lookup."""
+        try:
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
+        shard[first] = shard.get(first, 0) + value
+        shard[second] = shard.get(second, 0) + value
 
     def inc_labeled(self, name: str, labels: Labels, value: float = 1) -> None:
         """Count ``value`` for the series ``name{labels}`` (``labels`` sorted pairs)."""

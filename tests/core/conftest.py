@@ -81,7 +81,7 @@ class Core:
         self.close(fh)
 
     def read(self, fh: int, size: int | None = None, offset: int = 0) -> bytes:
-        return self.fs.read(fh, offset, size if size is not None else 1 << 40)
+        return bytes(self.fs.read(fh, offset, size if size is not None else 1 << 40))
 
     def read_file(self, rel: str) -> bytes:
         fh = self.open(rel)

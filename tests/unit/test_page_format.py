@@ -29,18 +29,20 @@ BUCKET = "bkt"
 KEY = "data/train/shard-0001.bin"
 ETAG = '"0123456789abcdef0123456789abcdef"'
 INDEX = 5
-# 300,000 bytes: two whole 128 KiB chunks and a short third one (like an object's last page).
+# 300,000 bytes: nine whole 32 KiB chunks and a short tenth one (like an object's last page).
 DATA = bytes((i * 7 + 3) % 251 for i in range(300_000))
 
-# The first 126 bytes of the golden header (fixed fields, 3 chunk checksums, names); the rest
+# The first 182 bytes of the golden header (fixed fields, 10 chunk checksums, names); the rest
 # of the 4096 bytes are zero.
 GOLDEN_PREFIX_HEX = (
-    "4f424a46535047000001100000000005000493e0000200000003000300190022"
-    "af036b1ab2b17d00bced17a226c02a99e0f7da18b526e1cd700027a84280ca9b"
-    "626b74646174612f747261696e2f73686172642d303030312e62696e22303132"
-    "333435363738396162636465663031323334353637383961626364656622"
+    "4f424a46535047000002100000000005000493e000008000000a000300190022"
+    "81a866816780c87510bbb52d608a931083cb77cc7bf132bac70cfe22ce46c417"
+    "bc3272823cdf6376ff2d03f637f4ba0241fcd81b161565156ef448cd8fe45a1c"
+    "a61d43ea99849e803cba0c1e73228495d459fcb1e7e16db9626b74646174612f"
+    "747261696e2f73686172642d303030312e62696e223031323334353637383961"
+    "62636465663031323334353637383961626364656622"
 )
-GOLDEN_SHA256 = "f34683f301b59d28e56b8f9b7cd80e7f24025158054fd5fd6e25ab21d328a452"
+GOLDEN_SHA256 = "66e326c2a72ad2f92797be680ecc6f23a42831e627c306065d833a79d626990e"
 
 
 def golden_header() -> bytes:
@@ -49,9 +51,9 @@ def golden_header() -> bytes:
 
 def test_constants() -> None:
     assert MAGIC == b"OBJFSPG\0"
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
     assert HEADER_SIZE == 4096
-    assert CHUNK_SIZE == 128 * 1024
+    assert CHUNK_SIZE == 32 * 1024
 
 
 def test_golden_header_bytes() -> None:
@@ -67,20 +69,20 @@ def test_golden_header_fields() -> None:
     """The documented layout, field by field, read with plain struct calls."""
     h = golden_header()
     assert h[0:8] == b"OBJFSPG\0"
-    assert struct.unpack_from(">H", h, 8)[0] == 1            # format version
+    assert struct.unpack_from(">H", h, 8)[0] == 2            # format version
     assert struct.unpack_from(">H", h, 10)[0] == 4096        # header size = data offset
     assert struct.unpack_from(">I", h, 12)[0] == INDEX
     assert struct.unpack_from(">I", h, 16)[0] == len(DATA)
     assert struct.unpack_from(">I", h, 20)[0] == CHUNK_SIZE
-    assert struct.unpack_from(">H", h, 24)[0] == 3           # chunk count
+    assert struct.unpack_from(">H", h, 24)[0] == 10          # chunk count
     assert struct.unpack_from(">HHH", h, 26) == (len(BUCKET), len(KEY), len(ETAG))
     zeroed = bytearray(h)
     zeroed[32:40] = bytes(8)
     assert struct.unpack_from(">Q", h, 32)[0] == xxhash.xxh3_64_intdigest(bytes(zeroed))
     expected_sums = [xxhash.xxh3_64_intdigest(DATA[o:o + CHUNK_SIZE])
                      for o in range(0, len(DATA), CHUNK_SIZE)]
-    assert list(struct.unpack_from(">3Q", h, 40)) == expected_sums
-    names = 40 + 3 * 8
+    assert list(struct.unpack_from(">10Q", h, 40)) == expected_sums
+    names = 40 + 10 * 8
     assert h[names:names + len(BUCKET) + len(KEY) + len(ETAG)] == \
         (BUCKET + KEY + ETAG).encode()
 
@@ -88,10 +90,10 @@ def test_golden_header_fields() -> None:
 def test_round_trip() -> None:
     header = decode_header(golden_header())
     assert header == PageHeader(BUCKET, KEY, ETAG, INDEX, len(DATA), header.chunk_checksums)
-    assert len(header.chunk_checksums) == 3
+    assert len(header.chunk_checksums) == 10
     verify_chunks(header, 0, DATA)
     verify_chunks(header, 1, DATA[CHUNK_SIZE:])
-    verify_chunks(header, 2, DATA[2 * CHUNK_SIZE:])
+    verify_chunks(header, 9, DATA[9 * CHUNK_SIZE:])
     verify_chunks(header, 1, DATA[CHUNK_SIZE:2 * CHUNK_SIZE])
 
 
@@ -116,7 +118,7 @@ def test_chunk_range() -> None:
     assert header.chunk_range(0, 1) == (0, 1)
     assert header.chunk_range(0, CHUNK_SIZE) == (0, 1)
     assert header.chunk_range(CHUNK_SIZE - 1, CHUNK_SIZE + 1) == (0, 2)
-    assert header.chunk_range(CHUNK_SIZE, len(DATA)) == (1, 3)
+    assert header.chunk_range(CHUNK_SIZE, len(DATA)) == (1, 10)
 
 
 def test_every_header_byte_flip_is_detected() -> None:
@@ -196,7 +198,7 @@ def test_wrong_magic() -> None:
         decode_header(bytes(HEADER_SIZE))
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
 def test_wrong_version(version: int) -> None:
     with pytest.raises(CorruptPage, match="unsupported page format"):
         decode_header(_resealed(golden_header(), 8, ">H", version))

@@ -146,6 +146,9 @@ class Env:
 
     def open(self, capacity_bytes: int = 64 * PAGE_FILE, **kwargs) -> PageCache:
         kwargs.setdefault("background", False)
+        # These tests are about pages on disk (states, files, checksums, eviction): reads
+        # go to the page files unless a test asks for the in-memory window of fresh pages.
+        kwargs.setdefault("fresh_bytes", 0)
         cache = PageCache(self.directory, SourceChain([self.source], metrics=self.metrics),
                           self.loop, metrics=self.metrics, capacity_bytes=capacity_bytes,
                           **kwargs)
@@ -1194,3 +1197,39 @@ def test_the_hit_path_never_opens_a_file(env: Env, monkeypatch) -> None:
     assert opened == []
     assert cache.read(v, 0, 4096) == data[:4096]
     assert len(opened) == 1
+
+
+def test_pages_just_fetched_are_read_from_memory(env: Env) -> None:
+    """A sequential reader reads what readahead fetched moments ago from memory: no
+    page-file read, no checksum; ``objfs cache drop`` forgets them too."""
+    data = random_bytes(8 * P, 62)
+    v = env.source.put("x", data)
+    cache = env.open(fresh_bytes=16 * P, max_window_pages=8)
+    stream = cache.new_stream()
+    got = b"".join(bytes(cache.read(v, off, K128, stream, zero_copy=True))
+                   for off in range(0, len(data), K128))
+    assert got == data
+    settle(cache)
+    reads = []
+    real = cache._read_chunks
+    cache._read_chunks = lambda *a, **k: reads.append(a) or real(*a, **k)
+    assert cache.read(v, 3 * P + 5, 100) == data[3 * P + 5:3 * P + 105]
+    assert cache.read_if_ready(v, 7 * P, 10) == data[7 * P:7 * P + 10]
+    assert reads == [] and env.metrics.get("read_fresh_bytes") > 0
+    assert cache.drop(v) == 8
+    env.source.reset()
+    assert cache.read(v, 0, 10) == data[:10]
+    assert env.source.fetched_pages(v) == [0]  # not from memory after the drop
+
+
+def test_zero_copy_reads_give_the_right_bytes(env: Env) -> None:
+    data = random_bytes(3 * P, 63)
+    v = env.source.put("x", data)
+    cache = env.open()
+    cache.read(v, 0, len(data))
+    settle(cache)
+    for off, size in ((0, K128), (P - 100, 300), (2 * P + 7, 4096), (0, 3 * P)):
+        first = bytes(cache.read(v, off, size, zero_copy=True))  # consumed at once
+        assert first == data[off:off + size]
+        got = cache.read_if_ready(v, off, size, zero_copy=True)
+        assert got is None or bytes(got) == data[off:off + size]
