@@ -79,7 +79,8 @@ from objfs.cache.format import (CHUNK_SIZE, HEADER_SIZE, CorruptPage, PageHeader
                                 decode_header, encode_header, verify_chunks)
 from objfs.cache.index import PageIndex
 from objfs.cache.limits import Priority, PriorityGate, Ticket
-from objfs.cache.pages import PAGE_SIZE, ObjectVersion, coalesce, page_id, page_span
+from objfs.cache.pages import (PAGE_SIZE, ObjectVersion, coalesce, page_id, page_span,
+                               version_digest)
 from objfs.cache.policy import EvictionPolicy, make_policy
 from objfs.cache.readahead import ReadStream
 from objfs.cache.ring import split_at_extents
@@ -290,7 +291,7 @@ class PageCache:
                  free_floor_bytes: int = 0, request_pages: int = 8, parallelism: int = 8,
                  max_window_pages: int = 32, writer_threads: int = 2,
                  fetch_timeout_s: float = 300.0, unkept_pages: int = 64,
-                 fresh_bytes: int | None = None,
+                 fresh_bytes: int | None = None, whole_object_bytes: int = 0,
                  free_bytes: Callable[[Path], int] = statvfs_free_bytes,
                  clock: Callable[[], float] = time.monotonic,
                  background: bool = True, extent_pages: int | None = None,
@@ -341,6 +342,13 @@ class PageCache:
         self._fresh: OrderedDict[bytes, memoryview] = OrderedDict()  # guarded by _lock
         self._fresh_limit = max(64, 2 * max_window_pages) if fresh_bytes is None \
             else fresh_bytes // PAGE_SIZE
+        # A reader jumping around an object of at most this size gets the whole object
+        # fetched in the background (0: never); versions already asked for, bounded.
+        self.whole_object_bytes = whole_object_bytes
+        self._whole_started: OrderedDict[bytes, None] = OrderedDict()  # guarded by _lock
+        # Page files of READY pages a sequential reader is about to read: opened (kept open
+        # for the hit path) and their bytes asked of the disk ahead (POSIX_FADV_WILLNEED).
+        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="objfs-cache-warm")
         self._headers: dict[bytes, PageHeader] = {}  # pid -> verified header; see above
         self._files = OpenPageFiles(_OPEN_PAGE_FILES)
         self._nowait_reads = hasattr(os, "RWF_NOWAIT")  # off if the kernel refuses it
@@ -393,6 +401,7 @@ class PageCache:
 
     def close(self) -> None:
         self._stop.set()
+        self._warmer.shutdown(wait=True, cancel_futures=True)
         if self._maintenance is not None:
             self._maintenance.join(timeout=10)
         self._writer.shutdown(wait=True)
@@ -531,18 +540,39 @@ class PageCache:
                     joined.append(pid)
                 if fut is not None:
                     waits[index] = fut
+            warm: list[bytes] = []
             if stream is not None and window > len(span):
-                ahead = self._claim_readahead_locked(version, span, window, stream)
+                ahead, warm = self._claim_readahead_locked(version, span, window, stream)
         if claimed:
             self._start_fetches(version, claimed)
+            if stream is not None and stream.jumps >= 2:
+                self._fetch_whole(version)
         if joined:
             self._promote(joined, Priority.DEMAND)
-        self._start_readahead(version, ahead)
+        self._start_readahead(version, ahead, warm)
         view = zero_copy and len(span) == 1  # a scratch buffer serves one piece at a time
         pieces = [self._fresh_bytes(pid, fresh[index], lo, hi, view) if index in fresh else
                   self._page_bytes(version, index, pid, lo, hi, waits.get(index), view)
                   for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _fetch_whole(self, version: ObjectVersion) -> None:
+        """A reader that jumps around an object missed again: fetch all of it (if it is
+        small enough next to the cache) in the background, at readahead priority, in large
+        parallel runs, as s3fs does for every file. Random readers of a file they will read
+        mostly whole (an index, a shard read out of order) then hit instead of paying a GET
+        per page; demand reads still go first (they promote the run they wait for)."""
+        if not 0 < version.size <= self.whole_object_bytes:
+            return
+        digest = version_digest(version)
+        with self._lock:
+            if digest in self._whole_started:
+                return
+            self._whole_started[digest] = None
+            while len(self._whole_started) > 1024:
+                self._whole_started.popitem(last=False)
+        self._metrics.inc("readahead_whole_objects_total")
+        self.fetch_pages(version, range(version.page_count()), priority=Priority.READAHEAD)
 
     def _fresh_bytes(self, pid: bytes, page: memoryview, lo: int, hi: int,
                      view: bool) -> bytes:
@@ -637,13 +667,37 @@ class PageCache:
         window = stream.observe(offset, size)
         if window > len(span):
             with self._lock:
-                ahead = self._claim_readahead_locked(version, span, window, stream)
-            self._start_readahead(version, ahead)
+                ahead, warm = self._claim_readahead_locked(version, span, window, stream)
+            self._start_readahead(version, ahead, warm)
 
-    def _start_readahead(self, version: ObjectVersion, ahead: list[tuple[int, Future]]) -> None:
+    def _start_readahead(self, version: ObjectVersion, ahead: list[tuple[int, Future]],
+                         warm: list[bytes] | None = None) -> None:
         if ahead:
             self._metrics.inc("readahead_pages_total", len(ahead))
             self._start_fetches(version, ahead, prefetch=True, priority=Priority.READAHEAD)
+        if warm:
+            try:
+                self._warmer.submit(self._warm, warm)
+            except RuntimeError:  # shutting down
+                pass
+
+    def _warm(self, pids: list[bytes]) -> None:
+        """Open the page files of READY pages a sequential reader will read next and ask
+        the kernel to read them in (warmer thread): the reader then finds them open and in
+        memory, served by the hit path without waiting for the disk, one file after the
+        other (a 1 MiB page file is too small for the kernel's own readahead to cross)."""
+        for pid in pids:
+            try:
+                entry = self._files.borrow(pid, self._path(pid))
+            except OSError:
+                continue  # gone or unreadable: the read will find out and refetch
+            try:
+                os.posix_fadvise(entry.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                self._files.give_back(entry)
+        self._metrics.inc("readahead_warmed_pages_total", len(pids))
 
     def _promote(self, pids: list[bytes], priority: Priority) -> None:
         """Make the runs fetching ``pids`` at least as urgent as ``priority`` (any thread)."""
@@ -660,22 +714,29 @@ class PageCache:
                 pass
 
     def _claim_readahead_locked(self, version: ObjectVersion, span: range, window: int,
-                                stream: ReadStream) -> list[tuple[int, Future]]:
-        """Claim the pages a sequential reader's window wants next (caller holds _lock).
+                                stream: ReadStream
+                                ) -> tuple[list[tuple[int, Future]], list[bytes]]:
+        """Claim the pages a sequential reader's window wants next (caller holds _lock);
+        returns them and the READY pages of the window to warm (``_warm``).
 
         The window is topped up in batches of at least half a window, so readahead becomes
         a few coalesced GETs rather than one GET per page read."""
         ahead: list[tuple[int, Future]] = []
+        warm: list[bytes] = []
         last = min(version.page_count(), span.start + window)
         first = max(span.stop, stream.ahead_until)
         if last - first >= max(1, window // 2) or (last > first and
                                                   last == version.page_count()):
             for index in range(first, last):
                 pid = page_id(version, index)
-                if pid not in self._inflight and pid not in self._policy:
+                if pid in self._inflight or pid in self._fresh:
+                    continue
+                if pid in self._policy:
+                    warm.append(pid)
+                else:
                     ahead.append((index, self._inflight.setdefault(pid, Future())))
             stream.ahead_until = last
-        return ahead
+        return ahead, warm
 
     def _page_bytes(self, version: ObjectVersion, index: int, pid: bytes, lo: int, hi: int,
                     fut: Future | None, view: bool = False) -> bytes:

@@ -26,6 +26,8 @@ class ReadStream:
         self.next_offset = 0
         self.window_pages = self._initial
         self.ahead_until = 0  # page index up to which readahead was already issued
+        self.warm_until = 0   # page index up to which READY pages were warmed (page files)
+        self.jumps = 0        # reads that did not follow the one before (a random reader)
         self._last_page = -1  # the furthest page entered while sequential
 
     def observe(self, offset: int, size: int) -> int:
@@ -38,6 +40,8 @@ class ReadStream:
         else:
             self.window_pages = 1
             self.ahead_until = 0
+            self.warm_until = 0
+            self.jumps += 1
             self._last_page = page
         self.next_offset = offset + size
         return self.window_pages

@@ -180,9 +180,12 @@ class MountConfig:
     dir_mode: int = 0o755
     fuse_options: tuple[str, ...] = ()
     fuse_workers: int = 16
-    read_parallelism: int = 8         # ranged GETs in flight for the whole mount
+    read_parallelism: int = 16        # ranged GETs in flight for the whole mount
     read_request_bytes: int = 8 * MiB  # split coalesced ranges into GETs of at most this
-    readahead_bytes: int = 32 * MiB    # largest readahead window of a sequential reader
+    readahead_bytes: int = 128 * MiB   # largest readahead window of a sequential reader
+    # Objects up to this size read out of order are fetched whole in the background
+    # (None: a quarter of the cache, at most 4 GiB; 0: never).
+    random_prefetch_bytes: int | None = None
     cache_size_bytes: int = 10 * 1024 * MiB  # page files on disk, headers included
     cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
     cache_policy: str = "lru"
@@ -219,6 +222,7 @@ class MountConfig:
                peer_listen: str | None = None, peers: str | list[str] | None = None,
                cluster_secret_file: str | None = None, peer_advertise: str | None = None,
                peer_serve_limit: str | None = None, origin_read_limit: str | None = None,
+               random_prefetch: str | None = None,
                **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
@@ -253,7 +257,9 @@ class MountConfig:
                                    ("--read-request-size", "read_request_bytes",
                                     read_request_size),
                                    ("--write-buffer", "write_buffer_bytes", write_buffer),
-                                   ("--part-size", "part_size_bytes", part_size)):
+                                   ("--part-size", "part_size_bytes", part_size),
+                                   ("--random-prefetch", "random_prefetch_bytes",
+                                    random_prefetch)):
             if value is not None:
                 kwargs[field] = parse_size(value, flag)
         if metrics_addr is not None:
@@ -270,6 +276,13 @@ class MountConfig:
         config = cls(store=store, mountpoint=mp, cache_dir=cdir,
                      fuse_options=tuple(options), **kwargs)  # type: ignore[arg-type]
         return config
+
+    @property
+    def whole_object_bytes(self) -> int:
+        """The largest object a random reader gets fetched whole (``--random-prefetch``)."""
+        if self.random_prefetch_bytes is not None:
+            return self.random_prefetch_bytes
+        return min(self.cache_size_bytes // 4, 4 * 1024 * MiB)
 
     def __post_init__(self) -> None:
         if self.fuse_workers < 1:

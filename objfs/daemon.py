@@ -300,6 +300,7 @@ def open_page_cache(config: MountConfig, store: ObjectStore, loop: EventLoopThre
                           request_pages=config.read_request_bytes // MiB,
                           parallelism=config.read_parallelism,
                           max_window_pages=config.readahead_bytes // MiB,
+                          whole_object_bytes=config.whole_object_bytes,
                           extent_pages=extent_pages, owns=owns)
     except OSError as exc:
         raise ConfigError(f"page cache in {config.cache_dir}: {exc.strerror or exc}") from None

@@ -46,12 +46,15 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
                    help="extra FUSE mount options, passed through")
     p.add_argument("--fuse-workers", type=int, default=16, help="FUSE worker threads")
-    p.add_argument("--read-parallelism", type=int, default=8,
-                   help="ranged GETs in flight for the mount (default 8)")
+    p.add_argument("--read-parallelism", type=int, default=16,
+                   help="ranged GETs in flight for the mount (default 16)")
     p.add_argument("--read-request-size", metavar="SIZE",
                    help="largest ranged GET, a multiple of 1M (default 8M)")
     p.add_argument("--readahead", metavar="SIZE",
-                   help="largest readahead window of a sequential reader (default 32M)")
+                   help="largest readahead window of a sequential reader (default 128M)")
+    p.add_argument("--random-prefetch", metavar="SIZE",
+                   help="fetch whole, in the background, objects up to SIZE that are read "
+                   "out of order (0: never; default: a quarter of --cache-size, at most 4G)")
     p.add_argument("--cache-size", metavar="SIZE",
                    help="page cache capacity on disk, e.g. 500G (default 10G)")
     p.add_argument("--cache-free-floor", metavar="SIZE",
@@ -205,6 +208,7 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         attr_timeout_s=args.attr_timeout_s, fuse_workers=args.fuse_workers,
         read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
         readahead=args.readahead, cache_size=args.cache_size,
+        random_prefetch=args.random_prefetch,
         cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
         object_metadata=args.object_metadata,
         metrics_addr=args.metrics_addr, read_only=args.read_only,

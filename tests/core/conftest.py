@@ -8,6 +8,7 @@ recorded instead of done.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import threading
@@ -107,6 +108,15 @@ def paused_pages(pages: list[list[ObjectInfo]], after: int, reached: threading.E
             assert resume.wait(60), "the test never resumed the listing"
 
 
+async def _quiesce() -> None:
+    """Wait (on the loop) until every other task of the loop is done."""
+    while True:
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if not others:
+            return
+        await asyncio.wait(others, timeout=10)
+
+
 @pytest.fixture(params=["moto"])
 def origin_endpoint(request) -> str:
     """The S3 server under the proxy: moto by default; tests that must also run against
@@ -153,6 +163,7 @@ def make_core(origin_endpoint: str, tmp_path: Path):
         core.relist()
 
         def close() -> None:
+            loop.run(_quiesce(), timeout=30)  # fetches still storing pages finish first
             cache.close()
             store.close()
             loop.stop()

@@ -498,3 +498,45 @@ def test_a_setgid_directory_gives_its_group_to_new_entries(core: Core) -> None:
     assert attrs.gid == 123
     sub = core.fs.mkdir(d.ino, b"sub", 0o755, 0, 0)
     assert sub.gid == 123 and sub.mode & stat.S_ISGID
+
+
+# ---- read performance features (issue 14) ---------------------------------------------------
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        deadline.wait(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_files_read_in_listing_order_are_fetched_ahead(core: Core) -> None:
+    names = [f"d/f{i:03d}" for i in range(40)]
+    for i, name in enumerate(names):
+        core.s3.put_object(Bucket=core.bucket, Key=name, Body=bytes([i]) * 5000)
+    core.relist()
+    core.proxy.reset()
+    for name in names[:4]:  # in order: from the third on, the next files are fetched ahead
+        assert core.read_file(name)[:1] == bytes([int(name[-3:])])
+    wait_until(lambda: core.proxy.requests["get"] >= 12)
+    assert core.metrics.get("readahead_files_total") >= 8
+    before = core.proxy.requests["get"]
+    for name in names[4:12]:
+        core.read_file(name)
+    assert core.proxy.requests["get"] - before <= 8  # some of them came from the cache
+
+
+def test_a_random_reader_gets_the_whole_object_fetched(core: Core) -> None:
+    data = blob(24 * MiB, seed=13)
+    core.s3.put_object(Bucket=core.bucket, Key="index.bin", Body=data)
+    core.relist()
+    fh = core.open("index.bin")
+    for page in (17, 3, 11):  # jumps
+        assert core.read(fh, 4096, page * MiB + 100) == data[page * MiB + 100:page * MiB + 4196]
+    version = core.fs.version_of(core.node("index.bin"))
+    from objfs.cache.pagecache import PageState
+    wait_until(lambda: all(core.fs.cache.state(version, i) is PageState.READY
+                           for i in range(24)))
+    assert core.proxy.body_bytes["get"] <= len(data) + 3 * MiB  # each page fetched ~once
+    core.fs.release(fh)

@@ -1233,3 +1233,20 @@ def test_zero_copy_reads_give_the_right_bytes(env: Env) -> None:
         assert first == data[off:off + size]
         got = cache.read_if_ready(v, off, size, zero_copy=True)
         assert got is None or bytes(got) == data[off:off + size]
+
+
+def test_a_sequential_reader_of_ready_pages_gets_their_files_opened_ahead(env: Env) -> None:
+    data = random_bytes(12 * P, 64)
+    v = env.source.put("x", data)
+    cache = env.open(max_window_pages=8)
+    cache.read(v, 0, len(data))
+    settle(cache)
+    cache._files.close_all()  # a remount: nothing open, nothing fresh
+    stream = cache.new_stream()
+    for off in range(0, 3 * P, K128):
+        assert cache.read(v, off, K128, stream) == data[off:off + K128]
+    cache._warmer.submit(lambda: None).result(10)  # the warmer has caught up
+    assert len(cache._files) >= 8
+    assert env.metrics.get("readahead_warmed_pages_total") > 0
+    # Pages ahead are open now: the hit path serves them without opening anything.
+    assert cache.read_if_ready(v, 6 * P, 4096) in (data[6 * P:6 * P + 4096], None)
