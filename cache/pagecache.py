@@ -337,11 +337,10 @@ class PageCache:
         self._unkept_pages = unkept_pages
         # Pages just fetched and stored, still in memory (views into their run's buffer):
         # a sequential reader reads them moments after readahead fetched them, and serving
-        # them from here spares a page-file read and a checksum per 128 KiB. Bounded LRU:
-        # ``_fresh_limit`` pages (a readahead window twice over, at least 64).
+        # them from here spares a page-file read and a checksum per 128 KiB. Bounded LRU of
+        # ``_fresh_limit`` pages (64 MiB by default); a page evicted from the cache leaves it.
         self._fresh: OrderedDict[bytes, memoryview] = OrderedDict()  # guarded by _lock
-        self._fresh_limit = max(64, 2 * max_window_pages) if fresh_bytes is None \
-            else fresh_bytes // PAGE_SIZE
+        self._fresh_limit = 64 if fresh_bytes is None else fresh_bytes // PAGE_SIZE
         # A reader jumping around an object of at most this size gets the whole object
         # fetched in the background (0: never); versions already asked for, bounded.
         self.whole_object_bytes = whole_object_bytes
@@ -1275,6 +1274,7 @@ class PageCache:
                 self._touched.pop(pid, None)
                 self._prefetched.pop(pid, None)
                 self._headers.pop(pid, None)
+                self._fresh.pop(pid, None)
         try:
             self._index.delete(pids)
         except lmdb.Error as exc:

@@ -761,7 +761,9 @@ def test_sequential_reads_coalesce_and_random_reads_fetch_only_their_pages(big, 
     assert len(sizes) <= 32 // 3, f"{len(sizes)} GETs for 32 pages: {sizes}"
     assert max(sizes) == 8 * MiB                     # coalesced up to --read-request-size
 
-    rnd = mounter(f"s3://{bucket}", *args, endpoint=proxy.endpoint)  # its own, empty cache
+    # Its own, empty cache; no whole-object prefetch (tests/core checks that one): the
+    # pages a random reader touches, and only those.
+    rnd = mounter(f"s3://{bucket}", *args, "--random-prefetch", "0", endpoint=proxy.endpoint)
     rng = random.Random(11)
     order: list[int] = []
     while len(order) < 10:                           # pages far apart: no sequential pattern
