@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_drop.add_argument("mountpoint", metavar="MOUNTPOINT")
     p_drop.add_argument("path", metavar="PATH", help="file or directory under the mount")
     p_drop.set_defaults(func=cmd_cache_drop)
+
+    from objfs.tools import preload as preload_cli  # objfs master, preload, sign
+
+    preload_cli.register(sub)
     return parser
 
 
