@@ -231,9 +231,12 @@ def _follow(client: Any, job_id: str, args: argparse.Namespace) -> int:
 def _interrupted(client: Any, job_id: str, args: argparse.Namespace) -> int:
     cancel = args.cancel_on_interrupt
     if not cancel and sys.stdin.isatty() and sys.stdout.isatty():
+        # The question goes to the terminal on stdout (input() would put it on stderr).
+        sys.stdout.write(f"cancel preload {job_id}? [y/N] ")
+        sys.stdout.flush()
         try:
-            answer = input(f"\ncancel preload {job_id}? [y/N] ")
-        except (KeyboardInterrupt, EOFError):
+            answer = sys.stdin.readline()
+        except KeyboardInterrupt:
             answer = ""
         cancel = answer.strip().lower() in ("y", "yes")
     if cancel:
@@ -259,6 +262,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def _pair(done: int, total: int) -> str:
+    """'1.21/2.70 GiB': both in the unit of ``total``."""
+    unit, scale = "B", 1
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if total < scale * 1024:
+            break
+        unit, scale = name, scale * 1024
+    if scale == 1:
+        return f"{done}/{total} B"
+    return f"{done / scale:.2f}/{total / scale:.2f} {unit}"
+
+
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -280,13 +295,13 @@ def progress_line(status: dict[str, Any], bar_width: int = 0) -> str:
     files_final = f["done"] + f["skipped"] + f["failed"]
     frac = fraction(status)
     rate = status.get("throughput_bytes_per_s")
-    parts = [f"preload {status['id']}", status["state"]]
-    if bar_width and frac is not None:
-        filled = int(round(frac * bar_width))
+    # With a bar (a terminal) the line is redrawn under a header naming the job: keep it short.
+    parts = [] if bar_width else [f"preload {status['id']}", status["state"]]
+    if bar_width:
+        filled = int(round((frac or 0.0) * bar_width))
         parts.append("[" + "#" * filled + "-" * (bar_width - filled) + "]")
-    parts.append("listing" if frac is None else f"{100 * frac:5.1f}%")
-    parts.append(f"{human_bytes(b['done'] + b['skipped'] + b['failed'])}/"
-                 f"{human_bytes(b['total'])}")
+    parts.append("listing" if frac is None else f"{100 * frac:.1f}%")
+    parts.append(_pair(b["done"] + b["skipped"] + b["failed"], b["total"]))
     parts.append(f"{files_final}/{f['total']} files")
     if f["skipped"] or b["skipped"]:
         parts.append(f"{human_bytes(b['skipped'])} skipped")
@@ -372,11 +387,16 @@ class Progress:
         self._clock = clock
         self._last: float | None = None
         self._drawn = 0
+        self._header = False
 
     def update(self, status: dict[str, Any]) -> None:
         if self._quiet or status["state"] in ("done", "failed", "cancelled"):
             return
         if self._tty:
+            if not self._header:
+                self._header = True
+                self._stream.write(f"preload {status['id']}: {status['source']} "
+                                   f"(^C to stop waiting)\n")
             width = shutil.get_terminal_size((100, 20)).columns
             line = progress_line(status, bar_width=20)[:width - 1]
             self._stream.write("\r" + line.ljust(self._drawn))
