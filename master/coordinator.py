@@ -275,6 +275,57 @@ class Coordinator:
                                 for o, ms in self._registry.groups().items()},
                     "jobs": by_state}
 
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the state is inconsistent (for tests):
+
+        - every unfinished extent of a running job is in exactly one work index (``queue``
+          when PENDING, ``leased`` when LEASED) under its assignee, and nothing else is;
+        - a job's ``extents_final``/``extents_failed`` count its final extents, its bytes
+          by outcome add up to the bytes of its final extents, and each host's
+          ``extents_assigned`` counts the unfinished extents assigned to it;
+        - a final job has no extents, files or work entries left.
+        """
+        with self._lock, self._state.read() as txn:
+            work: dict[tuple[str, int], list[tuple[str, str]]] = {}
+            for index in ("queue", "leased"):
+                for member_id, job_id, task, _, _ in txn.all_work(index):
+                    work.setdefault((job_id, task), []).append((index, member_id))
+            for job in self._jobs.values():
+                tasks = [(n, txn.get_task(job.id, n)) for n in range(job.next_task)]
+                present = [(n, t) for n, t in tasks if t is not None]
+                if job.state.final:
+                    assert not present, f"{job.id} ({job.state.value}) kept extents"
+                    assert not [k for k in work if k[0] == job.id], f"{job.id} kept work"
+                    continue
+                assigned: collections.Counter[str] = collections.Counter()
+                final = failed = final_bytes = 0
+                for n, task in present:
+                    state = TaskState(task["st"])
+                    entries = work.get((job.id, n), [])
+                    if state.final:
+                        assert not entries, f"final extent {job.id}/{n} in {entries}"
+                        final += 1
+                        failed += state is TaskState.FAILED
+                        final_bytes += extent_bytes(task["s"], task["x"], task["xp"])
+                        continue
+                    index = "queue" if state is TaskState.PENDING else "leased"
+                    assert entries == [(index, task["a"])], \
+                        f"{job.id}/{n} {state.value} for {task['a']!r} but in {entries}"
+                    if task["a"] != ORPHAN:
+                        assigned[task["a"]] += 1
+                assert len(present) == job.extents_total, (job.id, len(present),
+                                                           job.extents_total)
+                assert final == job.extents_final and failed == job.extents_failed, \
+                    (job.id, final, job.extents_final, failed, job.extents_failed)
+                assert final_bytes == job.bytes_final, (job.id, final_bytes, job.bytes_final)
+                for host, progress in job.hosts.items():
+                    assert progress.extents_assigned == assigned[host], \
+                        (job.id, host, progress.extents_assigned, assigned[host])
+            for (job_id, task), entries in work.items():
+                job = self._jobs.get(job_id)
+                if job is not None and job.state is JobState.RUNNING:
+                    assert len(entries) == 1, (job_id, task, entries)
+
     # ---- internals: members --------------------------------------------------------------
 
     def _register(self, txn: Txn, report: MemberReport) -> Member:

@@ -36,6 +36,7 @@ def harness(tmp_path: Path, s3_endpoint: str) -> Iterator[MasterHarness]:
     h = MasterHarness(tmp_path, s3_endpoint).start()
     try:
         yield h
+        h.coordinator.check_invariants()
     finally:
         h.stop()
 
