@@ -20,6 +20,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import shutil
 import stat
 import sys
 import threading
@@ -74,16 +75,27 @@ def check_mountpoint(config: MountConfig) -> None:
 
 
 def prepare_cache_dir(config: MountConfig) -> int:
-    """Create/validate the cache dir and lock it for this mount; return the lock fd."""
+    """Create/validate the cache dir and lock it for this mount; return the lock fd.
+
+    The cache dir holds every key of the mounted prefix (tree, page headers, log) and cached
+    bytes: it is made private to the daemon's user (0700, and a umask of 077 for everything
+    the daemon creates in it, so files are 0600)."""
     cdir = config.cache_dir
+    os.umask(0o077)
     try:
-        cdir.mkdir(parents=True, exist_ok=True)
+        cdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except FileExistsError:
         raise ConfigError(f"cache dir {cdir} is not a directory") from None
     except OSError as exc:
         raise ConfigError(f"cannot create cache dir {cdir}: {exc.strerror}") from None
     if not cdir.is_dir():
         raise ConfigError(f"cache dir {cdir} is not a directory")
+    try:
+        if stat.S_IMODE(os.stat(cdir).st_mode) & 0o077:
+            os.chmod(cdir, 0o700)  # an older objfs or a hand-made dir: close it
+    except OSError as exc:
+        raise ConfigError(f"cache dir {cdir}: cannot make it private (chmod 700): "
+                          f"{exc.strerror}") from None
     probe = cdir / f".probe-{os.getpid()}"
     try:
         probe.write_bytes(b"ok")
@@ -110,6 +122,40 @@ def write_lock_owner(lock_fd: int) -> bool:
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
     return clean
+
+
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_changed(cache_dir: Path, boot_id_path: str = _BOOT_ID_PATH) -> bool:
+    """Whether the machine rebooted since the last daemon of ``cache_dir`` started (the
+    boot id it recorded differs); records the current one. False when unknown."""
+    record = cache_dir / "boot_id"
+    try:
+        current = Path(boot_id_path).read_text().strip()
+    except OSError:
+        return False
+    try:
+        previous = record.read_text().strip()
+    except OSError:
+        previous = None
+    try:
+        record.write_text(current + "\n")
+    except OSError as exc:
+        log.warning("cannot record the boot id in %s: %s", record, exc.strerror)
+    return previous is not None and previous != current
+
+
+def discard_unsynced_state(cache_dir: Path) -> None:
+    """The metadata tree and the page index are LMDB files written without an fsync per
+    transaction: a daemon that dies loses nothing (the writes are in the kernel), but a
+    power cut or a kernel crash can leave them damaged. After an unclean stop in an earlier
+    boot, both are rebuilt (the tree from a listing, the cache from nothing) rather than
+    trusted."""
+    for name in ("tree", "pages/index"):
+        path = cache_dir / name
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def release_lock_owner(lock_fd: int) -> None:
@@ -285,6 +331,11 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
 
     previous_stop_clean = write_lock_owner(lock_fd)
+    if boot_changed(config.cache_dir) and not previous_stop_clean:
+        log.warning("the previous daemon of %s did not stop cleanly and the machine has "
+                    "rebooted since (power loss or crash?): rebuilding the metadata tree and "
+                    "dropping the page cache index, which may be damaged", config.cache_dir)
+        discard_unsynced_state(config.cache_dir)
     metrics = Metrics()
     loop = EventLoopThread().start()
     store: ObjectStore | None = None

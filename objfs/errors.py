@@ -115,6 +115,17 @@ def classify_origin_error(status: int, code: str | None, message: str) -> Origin
     return err
 
 
+class LocalDiskError(ObjfsError):
+    """The local disk failed an operation objfs needed (staging, the spool): its errno is
+    the disk's (ENOSPC, EFBIG, EDQUOT, EIO...)."""
+
+
+def from_oserror(exc: OSError, what: str) -> ObjfsError:
+    """An OSError of local I/O as an ObjfsError with the same errno (EIO if it has none),
+    so it reaches the application as itself, logged in one line, not as a traceback."""
+    return LocalDiskError(f"{what}: {exc.strerror or exc}", errno_value=exc.errno or errno.EIO)
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno a POSIX caller sees for ``exc``; EIO for anything unexpected."""
     if isinstance(exc, ObjfsError):

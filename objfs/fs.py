@@ -8,6 +8,7 @@ seen at open, so a handle never mixes bytes of two versions (a remote change is 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import itertools
@@ -24,11 +25,12 @@ from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
 from objfs.config import MiB, MountConfig
-from objfs.errors import InvalidArgument, NotFound, ObjfsError, ReadOnly, StaleObject
+from objfs.errors import (InvalidArgument, NotFound, ObjfsError, ReadOnly,
+                          StaleObject, from_oserror)
 from objfs.loop import EventLoopThread
 from objfs.metrics import Metrics
 from objfs.store import ObjectInfo, ObjectStore
-from objfs.tree import ROOT_INO, Inode, Kind, MetadataTree, invalid_reason
+from objfs.tree import ROOT_INO, Attrs, Inode, Kind, MetadataTree, invalid_reason
 from objfs.writer import (NotSequential, PartSchedule, SequentialUpload, StagedFile,
                           UploadFailed, UploadSettings, WriteBudget)
 
@@ -39,6 +41,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _BLOCK_SIZE = 4 * MiB
 # An open waits at most this long for the kernel's pages of a replaced version to be dropped.
 _CHANGE_GATE_TIMEOUT_S = 30.0
+# How long ``changed`` lets reads of a replaced version finish before dropping its pages.
+_READS_DRAIN_TIMEOUT_S = 5.0
+_NAME_MAX = 255
+# Directory renames copy this many objects at once (server-side copies: no data passes here).
+_RENAME_COPY_CONCURRENCY = 16
 
 
 def _mtime_text(mtime_ns: int) -> str:
@@ -93,18 +100,25 @@ class WriteState:
     mtime_explicit: bool = False  # utimens after the last write: its time is the mtime
     upload_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     unlinked: bool = False
+    error: ObjfsError | None = None  # a failure close/fsync must still report
     handles: int = 0
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
 
 
 @dataclasses.dataclass
 class FileHandle:
+    """One open file. ``version`` is what it reads, pinned at open (and moved along by a
+    rename, whose copy has the same bytes). ``write`` is the file's write state for a handle
+    open for writing; ``follow`` is the write state a read handle saw at open (a publish by
+    the last writer's release may still be coming): while it exists, reads go through it,
+    and afterwards they read the version it published."""
+
     inode: Inode
     version: ObjectVersion
     stream: ReadStream
     write: WriteState | None = None
+    follow: WriteState | None = None
     stale: bool = False  # the object changed at the origin: reads are ESTALE
-    reading: int = 0     # reads in progress (guarded by Filesystem._handles_lock)
 
 
 @dataclasses.dataclass
@@ -136,18 +150,30 @@ class Filesystem:
         if not config.read_only:
             if store is None or loop is None:
                 raise ValueError("a writable filesystem needs the store and the loop")
+            self._staging_dir = config.cache_dir / "staging"
+            self._staging_dir.mkdir(parents=True, exist_ok=True)
             self._uploads = UploadSettings(
                 store, loop, WriteBudget(config.write_buffer_bytes, metrics=metrics),
                 PartSchedule(block_size=_BLOCK_SIZE,
                              blocks_per_part=config.part_size_bytes // _BLOCK_SIZE,
                              min_part_bytes=min(5 * MiB, config.part_size_bytes)),
-                concurrency=config.upload_concurrency, metrics=metrics)
-            self._staging_dir = config.cache_dir / "staging"
-            self._staging_dir.mkdir(parents=True, exist_ok=True)
+                concurrency=config.upload_concurrency, metrics=metrics,
+                staging_dir=str(self._staging_dir),
+                spool_floor_bytes=config.cache_free_floor_bytes)
         self._root_xattrs = {k: v.encode() for k, v in (xattrs or {}).items()}
         self._handles_lock = threading.Lock()
         self._files: dict[int, FileHandle] = {}  # guarded by _handles_lock
         self._dirs: dict[int, DirHandle] = {}    # guarded by _handles_lock
+        # ino -> open file handles / reads in progress (guarded by _handles_lock);
+        # ``_reads_done`` is notified when an inode's reads in progress drop to 0.
+        self._opens: dict[int, int] = {}
+        self._reading: dict[int, int] = {}
+        self._reads_done = threading.Condition(self._handles_lock)
+        # Entries gone from the tree (unlink, rename over them) that handles still have open:
+        # ino -> (last record, attributes set here); their cached pages are dropped when the
+        # last handle closes (``_drop_at_close``). Both guarded by _handles_lock.
+        self._orphans: dict[int, tuple[Inode, Attrs | None]] = {}
+        self._drop_at_close: dict[int, ObjectVersion] = {}
         self._next_fh = itertools.count(1)
         # ino -> ETag last opened: a re-open of the same version is served from the kernel's
         # page cache (llfuse replies keep_cache), which the daemon never sees; count those.
@@ -164,20 +190,24 @@ class Filesystem:
 
     # ---- attributes ------------------------------------------------------------------------
 
-    def attributes(self, inode: Inode) -> Attributes:
+    def attributes(self, inode: Inode, set_here: Attrs | None = None) -> Attributes:
         """Defaults from the config, overridden by what was set here (chmod, chown, utimens,
-        symlink) and, for a file being written, by its current size."""
+        symlink; ``set_here`` for an entry no longer in the tree) and, for a file being
+        written, by its current size."""
         c = self.config
         mtime = inode.mtime_ns
         state = self._writes.get(inode.ino)
         pending = state is not None and state.dirty  # unpublished writes: their size and time
         if inode.kind is Kind.DIR:
-            mode, uid, gid, size, nlink = stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE, 2
+            # A directory's record counts its subdirectories: link count 2 + that, as on disk.
+            mode, uid, gid, size, nlink = (stat.S_IFDIR | c.dir_mode, c.uid, c.gid, DIR_SIZE,
+                                           2 + inode.size)
         else:
             mode, uid, gid, size, nlink = stat.S_IFREG | c.file_mode, c.uid, c.gid, inode.size, 1
             if pending:
                 size, mtime = state.size, state.mtime_ns
-        set_here = self.tree.attrs(inode.ino)
+        if set_here is None:
+            set_here = self.tree.attrs(inode.ino)
         if set_here is not None:
             if set_here.mode is not None:
                 mode = set_here.mode if stat.S_IFMT(set_here.mode) else \
@@ -190,10 +220,30 @@ class Filesystem:
                           c.attr_timeout_s)
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
+        if len(name) > _NAME_MAX:
+            raise _error("name too long", errno.ENAMETOOLONG)
         return self.attributes(self.tree.lookup(parent, name))
 
     def getattr(self, ino: int) -> Attributes:
-        return self.attributes(self.tree.get(ino))
+        try:
+            return self.attributes(self.tree.get(ino))
+        except NotFound:
+            with self._handles_lock:
+                orphan = self._orphans.get(ino)
+            if orphan is None:
+                raise
+            return self.attributes(*orphan)  # unlinked, still open: fstat works
+
+    def _inode(self, ino: int) -> Inode:
+        """The tree's record of ``ino``, or the last one of an unlinked entry still open."""
+        try:
+            return self.tree.get(ino)
+        except NotFound:
+            with self._handles_lock:
+                orphan = self._orphans.get(ino)
+            if orphan is None:
+                raise
+            return orphan[0]
 
     def access(self, ino: int, mode: int) -> None:
         self.tree.get(ino)
@@ -226,7 +276,10 @@ class Filesystem:
         if offset < 1:
             yield b".", handle.ino, Kind.DIR, 1
         if offset < 2:
-            parent = self.tree.get(handle.ino).parent
+            try:
+                parent = self._inode(handle.ino).parent
+            except NotFound:  # removed while open: it lists nothing
+                parent = handle.ino
             yield b"..", parent, Kind.DIR, 2
         position = max(offset, 2)
         after = resume.get(offset) if offset > 2 else None
@@ -245,8 +298,8 @@ class Filesystem:
     # ---- files -----------------------------------------------------------------------------
 
     def open(self, ino: int, flags: int) -> int:
-        write = None
         deadline = time.monotonic() + _CHANGE_GATE_TIMEOUT_S
+        writing = bool(flags & _WRITE_FLAGS)
         while True:
             self._wait_for_change(ino, deadline)
             inode = self.tree.get(ino)
@@ -254,22 +307,28 @@ class Filesystem:
                 raise _error("is a directory", errno.EISDIR)
             if stat.S_ISLNK(self.attributes(inode).mode):
                 raise _error("a symlink (objfs does not follow it in open)", errno.ELOOP)
-            if flags & _WRITE_FLAGS:
+            write = None
+            if writing:
                 if self.config.read_only:
                     raise ReadOnly("read-only mount")
-                write = self._write_state(inode)
+                write = self._write_state(ino)
                 if flags & os.O_TRUNC:
                     self._truncate(write, 0)
-            version = self.version_of(inode)
             with self._handles_lock:
                 if write is None and ino in self._changing:
                     continue  # the version read above is being replaced: wait, read again
+                # A read handle of a file whose write state exists (its last writer's
+                # release may still be publishing) follows that state, not the tree record
+                # read above, which the publish may replace at any moment.
+                follow = self._writes.get(ino) if write is None else None
                 previous = self._opened.get(ino)
-                if write is None and previous == inode.etag:
+                if write is None and follow is None and previous == inode.etag:
                     self.metrics.inc("read_kernel_cache_reopens_total")
                 self._opened[ino] = inode.etag
                 fh = next(self._next_fh)
-                self._files[fh] = FileHandle(inode, version, self.cache.new_stream(), write)
+                self._files[fh] = FileHandle(inode, self.version_of(inode),
+                                             self.cache.new_stream(), write, follow)
+                self._opens[ino] = self._opens.get(ino, 0) + 1
                 if write is not None:
                     write.handles += 1
             return fh
@@ -302,20 +361,27 @@ class Filesystem:
     def _begin_read(self, fh: int, offset: int, size: int) -> tuple[FileHandle,
                                                                      WriteState | None]:
         """Check a read and count it in progress (``changed`` waits for those); pair with
-        ``_end_read``. Returns the handle and the file's write state, if it is being
-        written here."""
+        ``_end_read``. Returns the handle and the write state its bytes come from, if the
+        file is being written here (or was, when the handle opened)."""
         handle = self._handle(fh)
         if offset < 0 or size < 0:
             raise InvalidArgument("negative offset or size")
+        ino = handle.inode.ino
         with self._handles_lock:
             if handle.stale:
                 raise StaleObject(f"{handle.version.key} changed at the origin; reopen it")
-            handle.reading += 1
-            return handle, self._writes.get(handle.inode.ino)
+            self._reading[ino] = self._reading.get(ino, 0) + 1
+            return handle, self._writes.get(ino) or handle.follow
 
     def _end_read(self, handle: FileHandle) -> None:
+        ino = handle.inode.ino
         with self._handles_lock:
-            handle.reading -= 1
+            left = self._reading[ino] - 1
+            if left:
+                self._reading[ino] = left
+            else:
+                del self._reading[ino]
+                self._reads_done.notify_all()
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         handle, state = self._begin_read(fh, offset, size)
@@ -349,13 +415,25 @@ class Filesystem:
         return data
 
     def release(self, fh: int) -> None:
+        drop = None
         with self._handles_lock:
             handle = self._files.pop(fh, None)
             state = handle.write if handle is not None else None
             last = False
+            if handle is not None:
+                ino = handle.inode.ino
+                opens = self._opens.get(ino, 1) - 1
+                if opens:
+                    self._opens[ino] = opens
+                else:
+                    self._opens.pop(ino, None)
+                    self._orphans.pop(ino, None)
+                    drop = self._drop_at_close.pop(ino, None)
             if state is not None:
                 state.handles -= 1
                 last = state.handles == 0
+        if drop is not None:  # an unlinked file's pages, kept while it was open
+            self.cache.drop(drop)
         if state is not None and last:
             try:
                 self._commit(state)  # normally flush did it; this catches a missed flush
@@ -375,15 +453,22 @@ class Filesystem:
         a = self.attributes(inode)
         return self._metadata(a.mode, a.uid, a.gid, a.mtime_ns if mtime_ns is None else mtime_ns)
 
-    def _write_state(self, inode: Inode) -> WriteState:
-        """The shared write state of a file (created on first open for writing)."""
+    def _write_state(self, ino: int) -> WriteState:
+        """The shared write state of a file (created on first open for writing).
+
+        A new state starts from the tree record read *here*, under the handles lock: the
+        previous state of the file is dropped (``_forget_write``, same lock) only after its
+        publish has updated the tree, so a record read here is never older than the last
+        publish. (Read before the lock, it could be: an open racing the last writer's
+        release would then stage the old version and fail on it with ESTALE.)"""
         with self._handles_lock:
-            state = self._writes.get(inode.ino)
+            state = self._writes.get(ino)
             if state is None:
-                state = self._writes[inode.ino] = WriteState(
-                    inode.ino, self.config.store.prefix + inode.relpath, inode.relpath,
+                inode = self.tree.get(ino)
+                state = self._writes[ino] = WriteState(
+                    ino, self.config.store.prefix + inode.relpath, inode.relpath,
                     inode.etag, inode.size, inode.mtime_ns, self._metadata_of(inode))
-                self.tree.pin(inode.ino)
+                self.tree.pin(ino)
         return state
 
     def _forget_write(self, state: WriteState) -> None:
@@ -404,24 +489,42 @@ class Filesystem:
 
     def _new_upload(self, state: WriteState) -> SequentialUpload:
         state.upload_metadata = dict(state.metadata)
-        return self._uploads.upload(state.key, state.metadata)
+        try:
+            return self._uploads.upload(state.key, state.metadata, spooled=True)
+        except OSError as exc:
+            raise from_oserror(exc, f"{state.key}: cannot create its local copy") from None
 
     def _new_staged(self, state: WriteState) -> StagedFile:
-        return StagedFile(self._staging_dir, state.key, self._uploads, metadata=state.metadata)
+        try:
+            return StagedFile(self._staging_dir, state.key, self._uploads,
+                              metadata=state.metadata)
+        except OSError as exc:
+            raise from_oserror(exc, f"{state.key}: cannot stage it on the cache disk") from None
 
     def _stage(self, state: WriteState) -> StagedFile:
-        """Make the content local (caller holds ``state.lock``)."""
+        """Make the content local (caller holds ``state.lock``): a streaming upload hands
+        over its local copy (nothing published, nothing downloaded); an unchanged object
+        is downloaded into a staged file."""
         if state.staged is not None:
             return state.staged
+        if state.upload is not None:
+            try:
+                staged = state.upload.spill()
+            except UploadFailed as exc:  # its local copy was lost: the file cannot go on
+                self._fail_write(state, exc)
+                state.error = exc  # close/fsync report it too
+                raise
+            state.upload, state.staged = None, staged
+            return staged
         staged = self._new_staged(state)
         try:
-            if state.upload is not None:
-                state.upload.spill(staged)
-                state.upload = None
-            elif state.size and not state.dirty:
+            if state.size and not state.dirty:
                 staged.init_from(ObjectInfo(state.key, state.size, state.etag, state.mtime_ns))
             elif state.size:
                 staged.truncate(state.size)
+        except OSError as exc:
+            staged.close()
+            raise from_oserror(exc, f"{state.key}: staging it failed") from None
         except BaseException:
             staged.close()
             raise
@@ -454,12 +557,17 @@ class Filesystem:
                     return len(data)
                 except NotSequential:
                     pass
-            elif state.staged is None and offset == 0 and state.size == 0:
+            elif state.staged is None and offset == 0 and state.size == 0 \
+                    and not state.unlinked:
                 state.upload = self._new_upload(state)
                 state.upload.write(0, data)
                 self._written(state, len(data))
                 return len(data)
-            self._stage(state).pwrite(offset, data)
+            try:
+                self._stage(state).pwrite(offset, data)
+            except OSError as exc:
+                raise from_oserror(exc, f"{state.key}: writing its staged copy failed") \
+                    from None
             self._written(state, offset + len(data))
         return len(data)
 
@@ -476,15 +584,22 @@ class Filesystem:
     def _read_pending(self, state: WriteState, offset: int, size: int) -> bytes | None:
         """Bytes of a file being written, or None to read its origin version."""
         with state.lock:
-            if state.upload is not None:
-                self._stage(state)  # reading back a stream needs it local
-            if state.staged is not None:
-                return state.staged.pread(offset, size)
+            try:
+                if state.upload is not None:
+                    return state.upload.read(offset, size)  # its local copy: no publish
+                if state.staged is not None:
+                    return state.staged.pread(offset, size)
+            except OSError as exc:
+                raise from_oserror(exc, f"{state.key}: reading its local copy failed") \
+                    from None
             if state.dirty:  # truncated to 0 and not written since
                 return b""
         return None
 
     def _truncate(self, state: WriteState, size: int) -> None:
+        if size > self._uploads.schedule.max_object_bytes:
+            raise _error(f"{state.key}: {size} bytes is more than an object can hold "
+                         f"({self._uploads.schedule.max_object_bytes})", errno.EFBIG)
         with state.lock:
             if size == state.size and (state.upload is None or state.upload.written == size):
                 return  # ftruncate to the current size changes nothing
@@ -496,7 +611,11 @@ class Filesystem:
                     state.staged.close()
                     state.staged = None
             else:
-                self._stage(state).truncate(size)
+                try:
+                    self._stage(state).truncate(size)
+                except OSError as exc:
+                    raise from_oserror(exc, f"{state.key}: truncating its staged copy "
+                                       "failed") from None
             state.size = size
             state.dirty = True
             state.mtime_ns = self._clock()
@@ -529,65 +648,92 @@ class Filesystem:
 
     def _commit(self, state: WriteState) -> None:
         """Upload the pending content and make it the object; then record it in the tree.
-        Raises an EIO error (nothing published) if the upload fails."""
+        Raises ``UploadFailed`` (EIO; ENOSPC etc. for a local disk failure) if the upload
+        fails or had failed (``state.error``): nothing is published, and the state is clean
+        again (the file shows the object the origin still has)."""
         with state.lock:
+            if state.error is not None:
+                error, state.error = state.error, None
+                raise UploadFailed(f"upload of {state.key} failed, nothing was published: "
+                                   f"{error}", errno_value=error.errno)
             if not state.dirty:
                 return
             if state.unlinked:
-                if state.upload is not None:
-                    state.upload.abort()
-                if state.staged is not None:
-                    state.staged.close()
-                state.upload = state.staged = None
-                state.dirty = False
+                self._discard_pending(state)
                 return
-            # As set at create/open, updated by chmod/chown/utimens meanwhile (the object's own
-            # LastModified is the write time).
-            metadata = dict(state.metadata)
-            wrote = state.wrote
-            if wrote and not state.mtime_explicit:
-                metadata["mtime"] = _mtime_text(state.mtime_ns)
-            stale_metadata = False
+            with self.tree.local_change(state.key):
+                self._publish(state)
+
+    def _publish(self, state: WriteState) -> None:
+        """The body of ``_commit`` (caller holds ``state.lock`` and the key's local change)."""
+        # As set at create/open, updated by chmod/chown/utimens meanwhile (the object's own
+        # LastModified is the write time).
+        metadata = dict(state.metadata)
+        wrote = state.wrote
+        if wrote and not state.mtime_explicit:
+            metadata["mtime"] = _mtime_text(state.mtime_ns)
+        stale_metadata = False
+        try:
+            if state.upload is not None:
+                if not state.upload.set_metadata(metadata):
+                    # The multipart upload was created with older metadata: a changed
+                    # attribute is worth a self-copy, the write time alone is not.
+                    def essential(m: dict[str, str]) -> dict[str, str]:
+                        return m if state.mtime_explicit else \
+                            {k: v for k, v in m.items() if k != "mtime"}
+                    stale_metadata = essential(metadata) != essential(state.upload_metadata)
+                info = state.upload.finish()
+            elif state.staged is not None:
+                info = state.staged.upload(metadata)
+            else:
+                info = self.loop.run(self.store.put_object(state.key, b"", metadata))
+        except (ObjfsError, OSError) as exc:
+            failure = exc if isinstance(exc, ObjfsError) else \
+                from_oserror(exc, f"{state.key}: reading its local copy failed")
+            self._fail_write(state, failure)
+            raise UploadFailed(f"upload of {state.key} failed, nothing was published: "
+                               f"{failure}", errno_value=failure.errno) from None
+        except BaseException:
+            self._fail_write(state, None)
+            raise
+        state.upload = state.staged = None
+        state.dirty = state.wrote = False
+        if stale_metadata:
+            # The multipart upload was created before a chmod/chown/utimens: put the
+            # attributes on the object now (server-side self-copy).
             try:
-                if state.upload is not None:
-                    if not state.upload.set_metadata(metadata):
-                        # The multipart upload was created with older metadata: a changed
-                        # attribute is worth a self-copy, the write time alone is not.
-                        def essential(m: dict[str, str]) -> dict[str, str]:
-                            return m if state.mtime_explicit else \
-                                {k: v for k, v in m.items() if k != "mtime"}
-                        stale_metadata = essential(metadata) != essential(state.upload_metadata)
-                    info = state.upload.finish()
-                elif state.staged is not None:
-                    info = state.staged.upload(metadata)
-                else:
-                    info = self.loop.run(self.store.put_object(state.key, b"", metadata))
+                info = self.loop.run(self.store.copy_object(
+                    state.key, state.key, info.size, metadata, src_etag=info.etag))
+                self.metrics.inc("write_metadata_copies_total")
             except ObjfsError as exc:
-                self.metrics.inc("write_commit_errors_total")
-                state.upload = state.staged = None
-                state.dirty = state.wrote = False
-                state.size, state.etag = self._origin_size_etag(state)
-                raise UploadFailed(f"upload of {state.key} failed, nothing was published: "
-                                   f"{exc}") from None
-            state.upload = state.staged = None
-            state.dirty = state.wrote = False
-            if stale_metadata:
-                # The multipart upload was created before a chmod/chown/utimens: put the
-                # attributes on the object now (server-side self-copy).
-                try:
-                    info = self.loop.run(self.store.copy_object(
-                        state.key, state.key, info.size, metadata, src_etag=info.etag))
-                    self.metrics.inc("write_metadata_copies_total")
-                except ObjfsError as exc:
-                    log.warning("%s: data published, attributes not stored in its metadata: %s",
-                                state.key, exc)
-            state.etag, state.size = info.etag, info.size
-            state.metadata = metadata
-            self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
-                             mtime_ns=state.mtime_ns)
-            if wrote and not state.mtime_explicit:
-                self.tree.set_attrs(state.ino, clear_mtime=True)
-            self.metrics.inc("write_commits_total")
+                log.warning("%s: data published, attributes not stored in its metadata: %s",
+                            state.key, exc)
+        state.etag, state.size = info.etag, info.size
+        state.metadata = metadata
+        self.tree.upsert(state.relpath, size=info.size, etag=info.etag,
+                         mtime_ns=state.mtime_ns)
+        if wrote and not state.mtime_explicit:
+            self.tree.set_attrs(state.ino, clear_mtime=True)
+        self.metrics.inc("write_commits_total")
+
+    def _discard_pending(self, state: WriteState) -> None:
+        """Drop unpublished content (caller holds ``state.lock``)."""
+        if state.upload is not None:
+            state.upload.abort()
+        if state.staged is not None:
+            state.staged.close()
+        state.upload = state.staged = None
+        state.dirty = state.wrote = False
+
+    def _fail_write(self, state: WriteState, error: ObjfsError | None) -> None:
+        """An upload of ``state`` failed: nothing is or will be published of what was
+        written. Free what it held, show the origin's version again, and drop the kernel's
+        cached pages, which hold the unpublished bytes. ``error`` is latched for the next
+        close/fsync if it did not come from one. Caller holds ``state.lock``."""
+        self.metrics.inc("write_commit_errors_total")
+        self._discard_pending(state)
+        state.size, state.etag = self._origin_size_etag(state)
+        self.invalidate_inodes([state.ino])
 
     def _origin_size_etag(self, state: WriteState) -> tuple[int, str]:
         """What the origin still holds for a file whose upload failed (per the tree)."""
@@ -604,11 +750,11 @@ class Filesystem:
         object's metadata (a server-side self-copy, or the pending upload's metadata)."""
         if self.config.read_only:
             raise ReadOnly("read-only mount")
-        inode = self.tree.get(ino)
+        inode = self._inode(ino)
         if size is not None:
             if inode.is_dir:
                 raise _error("is a directory", errno.EISDIR)
-            state = self._write_state(inode)
+            state = self._write_state(inode.ino)
             try:
                 self._truncate(state, size)
                 with self._handles_lock:
@@ -618,10 +764,13 @@ class Filesystem:
             finally:
                 self._forget_write(state)
         if mode is None and uid is None and gid is None and mtime_ns is None:
-            return self.attributes(self.tree.get(ino))
+            return self.getattr(ino)
         if mode is not None:
             mode = stat.S_IFMT(self.attributes(inode).mode) | (mode & 0o7777)
-        self.tree.set_attrs(ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
+        try:
+            self.tree.set_attrs(ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
+        except NotFound:
+            return self._set_orphan_attrs(ino, mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
         inode = self.tree.get(ino)
         metadata = self._metadata_of(inode)
         with self._handles_lock:
@@ -640,17 +789,32 @@ class Filesystem:
             inode = self.tree.get(ino)
             metadata = self._metadata_of(inode)
         key = self.config.store.prefix + inode.relpath
-        if inode.is_dir:
-            if inode.ino != ROOT_INO:
-                info = self.loop.run(self.store.put_object(key, b"", metadata))
-                self.tree.upsert(inode.relpath, mtime_ns=info.mtime_ns, is_dir=True)
-        elif inode.etag:
-            info = self.loop.run(self.store.copy_object(key, key, inode.size, metadata,
-                                                        src_etag=inode.etag))
-            self.tree.upsert(inode.relpath, size=inode.size, etag=info.etag,
-                             mtime_ns=info.mtime_ns)
-            self.metrics.inc("write_metadata_copies_total")
+        with self.tree.local_change(key):
+            if inode.is_dir:
+                if inode.ino != ROOT_INO:
+                    info = self.loop.run(self.store.put_object(key, b"", metadata))
+                    self.tree.upsert(inode.relpath, mtime_ns=info.mtime_ns, is_dir=True)
+            elif inode.etag:
+                info = self.loop.run(self.store.copy_object(key, key, inode.size, metadata,
+                                                            src_etag=inode.etag))
+                self.tree.upsert(inode.relpath, size=inode.size, etag=info.etag,
+                                 mtime_ns=info.mtime_ns)
+                self._moved({ino: info})  # a self-copy may change the ETag, not the bytes
+                self.metrics.inc("write_metadata_copies_total")
         return self.attributes(self.tree.get(ino))
+
+    def _set_orphan_attrs(self, ino: int, **changes: int | None) -> Attributes:
+        """chmod/chown/utimens of an unlinked file still open: shown by fstat, stored
+        nowhere (there is no object any more)."""
+        with self._handles_lock:
+            orphan = self._orphans.get(ino)
+            if orphan is None:
+                raise NotFound(f"inode {ino}")
+            inode, attrs = orphan
+            attrs = dataclasses.replace(attrs or Attrs(),
+                                        **{k: v for k, v in changes.items() if v is not None})
+            self._orphans[ino] = (inode, attrs)
+        return self.attributes(inode, attrs)
 
     # ---- namespace -------------------------------------------------------------------------
 
@@ -691,10 +855,11 @@ class Filesystem:
             fh = self.open(existing.ino, flags | os.O_WRONLY)
             return fh, self.attributes(self.tree.get(existing.ino))
         now = self._clock()
-        inode = self.tree.upsert(relpath, size=0, etag="", mtime_ns=now)
-        self.tree.pin(inode.ino)
+        with self.tree.local_change(self.config.store.prefix + relpath):
+            inode = self.tree.upsert(relpath, size=0, etag="", mtime_ns=now)
+            self.tree.pin(inode.ino)  # before a relist that does not list it can sweep it
         self.tree.set_attrs(inode.ino, mode=stat.S_IFREG | (mode & 0o7777), uid=uid, gid=gid)
-        state = self._write_state(inode)
+        state = self._write_state(inode.ino)
         with state.lock:
             state.metadata = self._metadata(stat.S_IFREG | (mode & 0o7777), uid, gid, now)
             state.dirty = True
@@ -703,6 +868,7 @@ class Filesystem:
         with self._handles_lock:
             self._files[fh] = FileHandle(inode, self.version_of(inode), self.cache.new_stream(),
                                          state)
+            self._opens[inode.ino] = self._opens.get(inode.ino, 0) + 1
             state.handles += 1
         self.metrics.inc("fuse_files_created_total")
         return fh, self.attributes(inode)
@@ -714,10 +880,11 @@ class Filesystem:
             raise _error("file exists", errno.EEXIST)
         full_mode = stat.S_IFDIR | (mode & 0o7777)
         now = self._clock()
-        info = self.loop.run(self.store.put_object(
-            self.config.store.prefix + relpath + "/", b"",
-            self._metadata(full_mode, uid, gid, now)))
-        inode = self.tree.upsert(relpath, mtime_ns=info.mtime_ns or now, is_dir=True)
+        key = self.config.store.prefix + relpath + "/"
+        with self.tree.local_change(key):
+            info = self.loop.run(self.store.put_object(
+                key, b"", self._metadata(full_mode, uid, gid, now)))
+            inode = self.tree.upsert(relpath, mtime_ns=info.mtime_ns or now, is_dir=True)
         self.tree.set_attrs(inode.ino, mode=full_mode, uid=uid, gid=gid)
         return self.attributes(inode)
 
@@ -728,26 +895,83 @@ class Filesystem:
             raise _error("not a directory", errno.ENOTDIR)
         if self.tree.has_children(inode.ino):
             raise _error("directory not empty", errno.ENOTEMPTY)
-        self.loop.run(self.store.delete_object(self.config.store.prefix + inode.relpath))
-        self.tree.remove(inode.ino)
+        key = self.config.store.prefix + inode.relpath
+        with self.tree.local_change(key):
+            self.loop.run(self.store.delete_object(key))
+            self.tree.remove(inode.ino)
         self.invalidate_inodes([inode.ino])
+        self._keep_directory(parent)
 
     def unlink(self, parent: int, name: bytes) -> None:
         self._child_relpath(parent, name)
         inode = self.tree.lookup(parent, name)
         if inode.is_dir:
             raise _error("is a directory", errno.EISDIR)
+        key = self.config.store.prefix + inode.relpath
+        with self.tree.local_change(key):
+            inode = self._detach(inode)
+            if inode.etag:
+                self.loop.run(self.store.delete_object(key))
+            self.tree.unpin(inode.ino)
+            self.tree.remove(inode.ino)
+        self._keep_directory(parent)
+
+    def _detach(self, inode: Inode) -> Inode:
+        """``inode`` (a file) is about to leave the namespace (unlink, or a rename over it).
+        Its writers keep a local copy that is never published (an upload in flight is
+        aborted); handles still open keep working (``_orphans``: fstat; reads of its cached
+        pages, which are dropped only when the last handle closes, and of what was written).
+        Returns its current record (a racing publish may have given it an ETag)."""
         with self._handles_lock:
             state = self._writes.get(inode.ino)
         if state is not None:
             with state.lock:  # waits for a publish in progress; none may follow
-                state.unlinked = True  # open handles keep writing into nothing
-            inode = self.tree.get(inode.ino)  # a racing publish may have given it an ETag
-        if inode.etag:
-            self.loop.run(self.store.delete_object(self.config.store.prefix + inode.relpath))
+                state.unlinked = True
+                if state.upload is not None:
+                    try:
+                        self._stage(state)  # stop uploading parts of a file nobody will see
+                    except UploadFailed as exc:
+                        log.warning("%s: unlinked while written, its local copy is lost: %s",
+                                    state.key, exc)
+            inode = self.tree.get(inode.ino)
+        attrs = self.tree.attrs(inode.ino)
+        with self._handles_lock:
+            still_open = self._opens.get(inode.ino, 0) > 0
+            if still_open:
+                self._orphans[inode.ino] = (inode, attrs)
+                if inode.etag:
+                    self._drop_at_close[inode.ino] = self.version_of(inode)
+        if inode.etag and not still_open:
             self.cache.drop(self.version_of(inode))
-        self.tree.unpin(inode.ino)
-        self.tree.remove(inode.ino)
+        return inode
+
+    def _keep_directory(self, ino: int) -> None:
+        """A directory that has just lost its last entry here stays a directory at the origin
+        too, as it does on a local disk: without a marker object (an implicit directory, only
+        named by the keys below it), the next listing would not show it. Best effort: one
+        HEAD, and a PUT of the marker if it is missing."""
+        if ino == ROOT_INO or self.tree.has_children(ino):
+            return
+        try:
+            inode = self.tree.get(ino)
+        except NotFound:
+            return
+        key = self.config.store.prefix + inode.relpath
+        with self.tree.local_change(key):
+            try:
+                self.loop.run(self.store.head_object(key))
+                return  # it has its marker
+            except ObjfsError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot check the marker of the now empty directory %s: %s",
+                                inode.relpath, exc)
+                    return
+            try:
+                self.loop.run(self.store.put_object(key, b"", self._metadata_of(inode)))
+                self.metrics.inc("write_dir_markers_kept_total")
+            except ObjfsError as exc:
+                log.warning("the now empty directory %s has no marker object and could not "
+                            "get one (%s): it disappears at the next relist", inode.relpath, exc)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int,
                 gid: int) -> Attributes:
@@ -757,9 +981,11 @@ class Filesystem:
             raise _error("file exists", errno.EEXIST)
         mode = stat.S_IFLNK | 0o777
         now = self._clock()
-        info = self.loop.run(self.store.put_object(self.config.store.prefix + relpath, target,
-                                                   self._metadata(mode, uid, gid, now)))
-        inode = self.tree.upsert(relpath, size=info.size, etag=info.etag, mtime_ns=now)
+        key = self.config.store.prefix + relpath
+        with self.tree.local_change(key):
+            info = self.loop.run(self.store.put_object(key, target,
+                                                       self._metadata(mode, uid, gid, now)))
+            inode = self.tree.upsert(relpath, size=info.size, etag=info.etag, mtime_ns=now)
         self.tree.set_attrs(inode.ino, mode=mode, uid=uid, gid=gid)
         return self.attributes(inode)
 
@@ -771,70 +997,150 @@ class Filesystem:
 
     def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes) -> None:
         """Files: server-side copy, then delete (multipart copy past 5 GiB). Directories:
-        every object below is copied then deleted, up to ``--rename-dir-limit`` objects;
-        beyond it EXDEV, so ``mv`` falls back to copying through the mount."""
+        every object below is copied (``_RENAME_COPY_CONCURRENCY`` at a time) then deleted,
+        up to ``--rename-dir-limit`` objects; beyond it EXDEV, so ``mv`` falls back to
+        copying through the mount. Handles open on what moved keep reading it under its new
+        name (the copies hold the same bytes)."""
         self._child_relpath(parent_old, name_old)
         _, new_rel = self._child_relpath(parent_new, name_new)
         src = self.tree.lookup(parent_old, name_old)
         if parent_old == parent_new and name_old == name_new:
             return
         target = self._exists(parent_new, name_new)
-        prefix = self.config.store.prefix
         if src.is_dir:
             if target is not None:
                 if not target.is_dir:
                     raise _error("not a directory", errno.ENOTDIR)
                 if self.tree.has_children(target.ino):
                     raise _error("directory not empty", errno.ENOTEMPTY)
-            new_dir = new_rel + "/"
-            if new_dir.startswith(src.relpath):
+            if (new_rel + "/").startswith(src.relpath):
                 raise InvalidArgument("cannot move a directory into itself")
+            self._rename_dir(src, target, parent_new, name_new, new_rel + "/")
+        else:
+            if target is not None and target.is_dir:
+                raise _error("is a directory", errno.EISDIR)
+            self._rename_file(src, target, parent_new, name_new, new_rel)
+        if parent_old != parent_new:
+            self._keep_directory(parent_old)
+
+    def _rename_file(self, src: Inode, target: Inode | None, parent_new: int, name_new: bytes,
+                     new_rel: str) -> None:
+        prefix = self.config.store.prefix
+        with self.tree.local_change(prefix + src.relpath, prefix + new_rel):
+            with self._handles_lock:
+                state = self._writes.get(src.ino)
+            if state is not None:
+                self._commit(state)
+                src = self.tree.get(src.ino)
+            if target is not None:
+                # Its writers must not publish over the renamed file later (as after unlink).
+                target = self._detach(target)
+            info = None
+            if src.etag:
+                info = self.loop.run(self.store.copy_object(
+                    prefix + src.relpath, prefix + new_rel, src.size, src_etag=src.etag))
+                self.loop.run(self.store.delete_object(prefix + src.relpath))
+            if target is not None:
+                self.tree.unpin(target.ino)
+                self.tree.remove(target.ino)
+                self.invalidate_inodes([target.ino])
+            self.tree.rename(src.ino, parent_new, name_new)
+            if info is not None:
+                self.tree.upsert(new_rel, size=src.size, etag=info.etag, mtime_ns=src.mtime_ns)
+                self._moved({src.ino: info})
+            if state is not None:
+                with state.lock:
+                    state.key, state.relpath = prefix + new_rel, new_rel
+                    if info is not None:
+                        state.etag = info.etag
+        self.metrics.inc("write_file_renames_total")
+
+    def _rename_dir(self, src: Inode, target: Inode | None, parent_new: int, name_new: bytes,
+                    new_dir: str) -> None:
+        prefix = self.config.store.prefix
+        old_prefix, new_prefix = prefix + src.relpath, prefix + new_dir
+        with self.tree.local_change(old_prefix, new_prefix):
             self._commit_under(src.relpath)
-            keys = [obj for page in self.store.list_pages(prefix + src.relpath) for obj in page]
-            if len(keys) > self.config.rename_dir_limit:
-                raise _error(f"renaming {src.relpath} would copy {len(keys)} objects, over "
+            objects = [obj for page in self.store.list_pages(old_prefix) for obj in page]
+            if len(objects) > self.config.rename_dir_limit:
+                raise _error(f"renaming {src.relpath} would copy {len(objects)} objects, over "
                              f"--rename-dir-limit {self.config.rename_dir_limit}", errno.EXDEV)
             if target is not None:
                 self.loop.run(self.store.delete_object(prefix + target.relpath))
                 self.tree.remove(target.ino)
-            for obj in keys:
-                self.loop.run(self.store.copy_object(
-                    obj.key, prefix + new_dir + obj.key[len(prefix + src.relpath):], obj.size,
-                    src_etag=obj.etag or None))
-            self.loop.run(self.store.delete_objects([obj.key for obj in keys]))
-            self.tree.rename(src.ino, parent_new, name_new)
+            copies = self.loop.run(self._copy_objects(objects, old_prefix, new_prefix))
+            self.loop.run(self.store.delete_objects([obj.key for obj in objects]))
+            moved = self.tree.rename(src.ino, parent_new, name_new)
+            moves: dict[int, ObjectInfo] = {}
+            for ino in moved:
+                inode = self.tree.get(ino)
+                info = copies.get(prefix + inode.relpath)
+                if info is not None and not inode.is_dir:
+                    self.tree.upsert(inode.relpath, size=inode.size, etag=info.etag,
+                                     mtime_ns=inode.mtime_ns)
+                    moves[ino] = info
+            self._moved(moves)
             with self._handles_lock:
-                moved = [st for st in self._writes.values() if st.relpath.startswith(src.relpath)]
-            for state in moved:  # files still open below it now live under the new name
+                states = [st for st in self._writes.values()
+                          if st.relpath.startswith(src.relpath)]
+            for state in states:  # files still open below it now live under the new name
                 with state.lock:
                     state.relpath = new_dir + state.relpath[len(src.relpath):]
                     state.key = prefix + state.relpath
-            self.metrics.inc("write_dir_renames_total")
+                    info = copies.get(state.key)
+                    if info is not None:
+                        state.etag = info.etag
+        self.metrics.inc("write_dir_renames_total")
+
+    async def _copy_objects(self, objects: list[ObjectInfo], old_prefix: str,
+                            new_prefix: str) -> dict[str, ObjectInfo]:
+        """Server-side copies of ``objects`` from ``old_prefix`` to ``new_prefix``, several at
+        once; returns new key -> new object. Directory markers are written anew (a PUT with
+        their metadata): some stores (SeaweedFS) cannot copy a key ending with '/'. If a copy
+        fails, the copies made so far are deleted (best effort) and the error raised."""
+        limit = asyncio.Semaphore(_RENAME_COPY_CONCURRENCY)
+        done: dict[str, ObjectInfo] = {}
+
+        async def copy_one(obj: ObjectInfo) -> None:
+            new_key = new_prefix + obj.key[len(old_prefix):]
+            async with limit:
+                if obj.key.endswith("/") and obj.size == 0:
+                    try:
+                        meta = await self.store.head_object(obj.key)
+                    except ObjfsError as exc:
+                        if exc.errno == errno.ENOENT:
+                            return  # gone meanwhile
+                        raise
+                    done[new_key] = await self.store.put_object(new_key, b"", meta.metadata)
+                else:
+                    done[new_key] = await self.store.copy_object(
+                        obj.key, new_key, obj.size, src_etag=obj.etag or None)
+
+        tasks = [asyncio.ensure_future(copy_one(obj)) for obj in objects]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.store.delete_objects(list(done))
+            except ObjfsError as exc:
+                log.warning("rename: could not delete %d partial copies under %s: %s",
+                            len(done), new_prefix, exc)
+            raise
+        return done
+
+    def _moved(self, moves: dict[int, ObjectInfo]) -> None:
+        """Open handles of these inodes read the renamed copies from now on."""
+        if not moves:
             return
-        if target is not None and target.is_dir:
-            raise _error("is a directory", errno.EISDIR)
         with self._handles_lock:
-            state = self._writes.get(src.ino)
-        if state is not None:
-            self._commit(state)
-            src = self.tree.get(src.ino)
-        if src.etag:
-            info = self.loop.run(self.store.copy_object(prefix + src.relpath, prefix + new_rel,
-                                                        src.size, src_etag=src.etag))
-            self.loop.run(self.store.delete_object(prefix + src.relpath))
-        else:
-            info = None
-        if target is not None:
-            self.tree.unpin(target.ino)
-            self.tree.remove(target.ino)
-            self.invalidate_inodes([target.ino])
-        self.tree.rename(src.ino, parent_new, name_new)
-        if info is not None:
-            self.tree.upsert(new_rel, size=src.size, etag=info.etag, mtime_ns=src.mtime_ns)
-        if state is not None:
-            with state.lock:
-                state.key, state.relpath = prefix + new_rel, new_rel
-        self.metrics.inc("write_file_renames_total")
+            for handle in self._files.values():
+                info = moves.get(handle.inode.ino)
+                if info is not None:
+                    handle.version = ObjectVersion(handle.version.bucket, info.key, info.etag,
+                                                   info.size)
 
     def _commit_under(self, dir_relpath: str) -> None:
         with self._handles_lock:
@@ -908,11 +1214,13 @@ class Filesystem:
 
         Open read handles of them go stale first (their reads are ESTALE from now on), so
         nothing puts old bytes back into the kernel's page cache; reads already in progress
-        are let finish; then the kernel's cached pages are dropped, synchronously (the kernel
-        also waits for pages still being filled). Opens held by ``changing`` go on only after
-        that: llfuse replies keep_cache, so pages left behind would be served to them next to
-        new bytes from the daemon. Every handle open at this point is of an old version: an
-        open that read the tree after ``changing`` waits, one that read it before is here.
+        are let finish (per-inode counts, waited on with a condition: no polling under the
+        lock every read takes); then the kernel's cached pages are dropped, synchronously
+        (the kernel also waits for pages still being filled). Opens held by ``changing`` go
+        on only after that: llfuse replies keep_cache, so pages left behind would be served
+        to them next to new bytes from the daemon. Every handle open at this point is of an
+        old version: an open that read the tree after ``changing`` waits, one that read it
+        before is here.
         """
         wanted = set(inos)
         try:
@@ -920,14 +1228,12 @@ class Filesystem:
                 for handle in self._files.values():
                     if handle.inode.ino in wanted and handle.write is None:
                         handle.stale = True
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                with self._handles_lock:
-                    busy = any(h.reading for h in self._files.values()
-                               if h.inode.ino in wanted)
-                if not busy:
-                    break
-                time.sleep(0.01)
+                deadline = time.monotonic() + _READS_DRAIN_TIMEOUT_S
+                while any(ino in self._reading for ino in wanted):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._reads_done.wait(remaining)
             self.invalidate_inodes_now(inos)
         finally:
             with self._handles_lock:

@@ -30,6 +30,19 @@ from objfs.tree import Kind
 log = logging.getLogger(__name__)
 
 
+# Answers that are a filesystem doing its job, not something going wrong: a name that does
+# not exist (every lookup of a new file), an attribute that is not set (the kernel's ACL and
+# security probes), a refused operation. Counted as ``fuse_OP_refused_total``; everything
+# else (EIO, ESTALE, ENOSPC, EACCES from the origin, ...) is ``fuse_OP_errors_total``, what
+# ``objfs stats`` shows as errors.
+_REFUSALS = frozenset({
+    errno.ENOENT, errno.ENODATA, llfuse.ENOATTR, errno.EEXIST, errno.ENOTEMPTY,
+    errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+    errno.ENAMETOOLONG, errno.EXDEV, errno.ELOOP, errno.EINVAL, errno.EILSEQ, errno.ERANGE,
+    errno.EFBIG,
+})
+
+
 class _errors:
     """The one per-operation hook: errno mapping, counts, errors and latency per op type.
 
@@ -39,7 +52,7 @@ class _errors:
     """
 
     __slots__ = ("_op", "_metrics", "_names", "_started")
-    _NAMES: dict[str, tuple[str, str, str]] = {}
+    _NAMES: dict[str, tuple[str, str, str, str]] = {}
 
     def __init__(self, op: str, metrics: Metrics) -> None:
         self._op = op
@@ -47,25 +60,31 @@ class _errors:
         names = self._NAMES.get(op)
         if names is None:
             names = self._NAMES[op] = (f"fuse_{op}_total", f"fuse_{op}_errors_total",
-                                       f"fuse_{op}_seconds_total")
+                                       f"fuse_{op}_seconds_total", f"fuse_{op}_refused_total")
         self._names = names
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        total, errors, seconds = self._names
+        total, errors, seconds, refused = self._names
         inc = self._metrics.inc
         inc(total)
         inc(seconds, time.perf_counter() - self._started)
-        if exc is None:
-            return False
-        inc(errors)
+        if exc is None or isinstance(exc, GeneratorExit):
+            return False  # GeneratorExit: the kernel's readdir buffer is full, not an error
         if isinstance(exc, llfuse.FUSEError):
+            inc(refused if exc.errno in _REFUSALS else errors)
             return False
         if isinstance(exc, ObjfsError):
-            log.log(exc.log_level, "%s: %s", self._op, exc)
+            if exc.errno in _REFUSALS:
+                inc(refused)
+                log.debug("%s: %s", self._op, exc)
+            else:
+                inc(errors)
+                log.log(exc.log_level, "%s: %s", self._op, exc)
             raise llfuse.FUSEError(exc.errno) from None
+        inc(errors)
         if isinstance(exc, Exception):
             log.exception("%s failed unexpectedly", self._op, exc_info=exc)
             raise llfuse.FUSEError(errno.EIO) from None
@@ -214,6 +233,11 @@ class FuseOperations(llfuse.Operations):
         return None
 
     def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if ctx is None:
+            # llfuse's setxattr with XATTR_CREATE/XATTR_REPLACE asks getxattr first, and is
+            # the only caller without a ctx: answer what setxattr itself answers.
+            raise llfuse.FUSEError(ReadOnly.errno if self.fs.config.read_only
+                                   else errno.ENOTSUP)
         with _errors("getxattr", self.fs.metrics), llfuse.lock_released:
             try:
                 return self.fs.getxattr(inode, name)

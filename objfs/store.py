@@ -33,10 +33,11 @@ import errno
 import hashlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
@@ -83,16 +84,37 @@ _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _HASH_INLINE_BYTES = 256 * KiB  # smaller bodies are hashed on the loop, larger ones in a thread
 _META_PREFIX = "x-amz-meta-"
 _META_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+# Characters an XML 1.0 document cannot hold as they are (plus CR, which parsers turn into LF).
+_XML_UNSAFE = re.compile("[^\t\n\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def normalize_etag(raw: str | None) -> str:
+    """An ETag in the one form objfs keeps: in double quotes, as listings and headers give it.
+
+    CopyObjectResult bodies (SeaweedFS), some XML answers and hand-made values give it bare;
+    a mix would make the same version look changed (the tree compares ETags, page ids hash
+    them). Every ``ObjectInfo`` passes through here, whatever response it came from."""
+    if not raw:
+        return ""
+    if raw[0] == '"' and raw[-1] == '"' and len(raw) > 1:
+        return raw
+    etag = raw.strip().strip('"')
+    return f'"{etag}"' if etag else ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One listed object: its full key, size, ETag (with quotes, as S3 sends it) and mtime."""
+    """One object: its full key, size, ETag (always in quotes: ``normalize_etag``) and mtime."""
 
     key: str
     size: int
     etag: str
     mtime_ns: int
+
+    def __post_init__(self) -> None:
+        etag = self.etag
+        if etag and not (etag[0] == '"' and etag[-1] == '"' and len(etag) > 1):
+            object.__setattr__(self, "etag", normalize_etag(etag))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,7 +213,13 @@ def _as_view(body: bytes | bytearray | memoryview) -> memoryview:
 
 
 def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
-    """A ListObjectsV2 answer -> (objects, continuation token or None when complete)."""
+    """A ListObjectsV2 answer -> (objects, continuation token or None when complete).
+
+    The listing is asked with ``encoding-type=url``: a key may hold characters XML 1.0
+    cannot carry (e.g. U+0001), which would make the whole page unparsable for every host.
+    Keys come back percent-encoded (spaces as ``%20`` or ``+``, a literal ``+`` as ``%2B``),
+    so they are decoded with ``unquote_plus``, as botocore does. CPU-bound: callers run it
+    off the event loop."""
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
@@ -199,7 +227,10 @@ def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
     ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     key_tag, size_tag, etag_tag, mtime_tag = (ns + "Key", ns + "Size", ns + "ETag",
                                               ns + "LastModified")
-    objects = [ObjectInfo(key=c.findtext(key_tag) or "", size=int(c.findtext(size_tag) or 0),
+    url_encoded = (root.findtext(ns + "EncodingType") or "").lower() == "url"
+    decode = unquote_plus if url_encoded else _same
+    objects = [ObjectInfo(key=decode(c.findtext(key_tag) or ""),
+                          size=int(c.findtext(size_tag) or 0),
                           etag=c.findtext(etag_tag) or "",
                           mtime_ns=_iso_ns(c.findtext(mtime_tag) or ""))
                for c in root.iterfind(ns + "Contents")]
@@ -209,6 +240,10 @@ def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
     if not token:
         raise OriginError("listing truncated without a continuation token")
     return objects, token
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def _iso_ns(text: str) -> int:
@@ -223,6 +258,68 @@ def _iso_ns(text: str) -> int:
 def _mtime_ns(value: Any) -> int:
     # botocore parses LastModified into an aware datetime.
     return calendar.timegm(value.utctimetuple()) * 1_000_000_000 + value.microsecond * 1000
+
+
+class _CredentialCache:
+    """Credentials for signing on the event loop, refreshed off it.
+
+    Instance-role, SSO and assume-role credentials expire; botocore refreshes them inside
+    ``get_frozen_credentials()`` with a network call, which on the loop would stop every
+    origin request of the mount while it runs. So signing uses a frozen copy, and when
+    botocore says a refresh is due (its advisory window, ~15 min before expiry) one worker
+    thread refreshes while requests keep signing with the still-valid copy. A failed refresh
+    is logged and tried again after ``RETRY_S``; if the credentials expire meanwhile, the
+    origin refuses requests (403, EACCES) until a refresh succeeds. Thread-safe: ``_frozen``,
+    ``_refreshing`` and ``_next_try`` are guarded by ``_lock``.
+    """
+
+    RETRY_S = 10.0
+
+    def __init__(self, credentials: Any, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = credentials  # botocore Credentials (maybe refreshable) or None
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._frozen = credentials.get_frozen_credentials() if credentials is not None else None
+        self._refreshing = False
+        self._next_try = 0.0
+
+    @property
+    def present(self) -> bool:
+        return self._source is not None
+
+    def frozen(self) -> Any:
+        if self._source is None:
+            raise ConfigError("no AWS credentials found")
+        refresh_needed = getattr(self._source, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            with self._lock:
+                start = not self._refreshing and self._clock() >= self._next_try
+                if start:
+                    self._refreshing = True
+            if start:
+                threading.Thread(target=self._refresh, name="objfs-credentials",
+                                 daemon=True).start()
+        with self._lock:
+            return self._frozen
+
+    def _refresh(self) -> None:
+        try:
+            frozen = self._source.get_frozen_credentials()
+        except Exception as exc:  # noqa: BLE001 - logged; the old copy signs until it expires
+            self._metrics.inc("origin_credential_refresh_errors_total")
+            log.warning("refreshing AWS credentials failed (the current ones are used until "
+                        "they expire): %s", exc)
+            frozen = None
+        with self._lock:
+            if frozen is not None:
+                self._frozen = frozen
+            else:
+                self._next_try = self._clock() + self.RETRY_S
+            self._refreshing = False
+        if frozen is not None:
+            self._metrics.inc("origin_credential_refreshes_total")
 
 
 def _translate_botocore(exc: Exception, what: str) -> ObjfsError:
@@ -264,7 +361,7 @@ class ObjectStore:
         self._metrics = metrics or Metrics()
         self._clock = clock
         session = session or boto3.Session(region_name=config.region)
-        self._credentials = session.get_credentials()  # refreshable; None if the chain is empty
+        self._credentials = _CredentialCache(session.get_credentials(), self._metrics)
         self._boto_session = session
         self._client = self._botocore_client(config.connect_timeout_s, config.read_timeout_s)
         self._http: aiohttp.ClientSession | None = None  # owned by the loop thread
@@ -298,10 +395,8 @@ class ObjectStore:
         return f"https://{self.config.bucket}.s3.{self.config.region}.amazonaws.com/{quoted}"
 
     def _signed_headers(self, method: str, url: str, headers: dict[str, str]) -> dict[str, str]:
-        if self._credentials is None:
-            raise ConfigError("no AWS credentials found")
         request = botocore.awsrequest.AWSRequest(method=method, url=url, headers=headers)
-        botocore.auth.S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3",
+        botocore.auth.S3SigV4Auth(self._credentials.frozen(), "s3",
                                   self.config.region).add_auth(request)
         return dict(request.headers.items())
 
@@ -331,7 +426,7 @@ class ObjectStore:
         A one-key listing with short timeouts and a small retry budget, so a mount against a
         dead or silent endpoint fails in seconds instead of hanging for the bulk timeouts.
         """
-        if self._credentials is None:
+        if not self._credentials.present:
             raise ConfigError("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                               "AWS_SECRET_ACCESS_KEY, a profile, or an instance role)")
         where = self.config.endpoint or f"AWS S3 ({self.config.region})"
@@ -374,7 +469,7 @@ class ObjectStore:
 
     async def _list_page(self, prefix: str, token: str | None) -> tuple[list[ObjectInfo],
                                                                           str | None]:
-        query = {"list-type": "2", "max-keys": "1000", "prefix": prefix}
+        query = {"list-type": "2", "max-keys": "1000", "prefix": prefix, "encoding-type": "url"}
         if token is not None:
             query["continuation-token"] = token
         # Canonical (sorted, RFC 3986) query: what SigV4 signs is exactly what is sent.
@@ -390,7 +485,9 @@ class ObjectStore:
                     body = await resp.read()
                     if resp.status != 200:
                         raise self._error_from_body(resp.status, body, f"list {prefix!r}")
-                return _parse_listing(body)
+                # ~5 ms of CPU per 1000-key page: parsed in a worker thread, never on the loop.
+                return await asyncio.get_running_loop().run_in_executor(None, _parse_listing,
+                                                                        body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 err: OriginError = OriginUnreachable(f"list {prefix!r}: {type(exc).__name__}: "
                                                      f"{exc}", retryable=True)
@@ -462,10 +559,8 @@ class ObjectStore:
 
     def _signed_payload_headers(self, method: str, url: str, headers: dict[str, str],
                                 payload_hash: str) -> dict[str, str]:
-        if self._credentials is None:
-            raise ConfigError("no AWS credentials found")
         request = botocore.awsrequest.AWSRequest(method=method, url=url, headers=headers)
-        _PayloadAuth(self._credentials.get_frozen_credentials(), self.config.region,
+        _PayloadAuth(self._credentials.frozen(), self.config.region,
                      payload_hash).add_auth(request)
         return dict(request.headers.items())
 
@@ -630,13 +725,16 @@ class ObjectStore:
             self.uploads.ended(upload_id)
 
     async def list_multipart_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
-        """Multipart uploads in progress under ``prefix``: [(key, upload_id)], all pages."""
+        """Multipart uploads in progress under ``prefix``: [(key, upload_id)], all pages.
+        Keys come URL-encoded, as in listings (``_parse_listing``)."""
         found: list[tuple[str, str]] = []
         query = {"uploads": "", "prefix": prefix}
         while True:
             reply = await self._request("list_uploads", "GET", None, query=query)
             root, ns = _xml_root(reply.body, f"list uploads {prefix!r}")
-            found.extend((u.findtext(ns + "Key") or "", u.findtext(ns + "UploadId") or "")
+            decode = unquote_plus if (root.findtext(ns + "EncodingType") or "").lower() == "url" \
+                else _same
+            found.extend((decode(u.findtext(ns + "Key") or ""), u.findtext(ns + "UploadId") or "")
                          for u in root.iterfind(ns + "Upload"))
             if (root.findtext(ns + "IsTruncated") or "").lower() != "true":
                 return found
@@ -644,8 +742,8 @@ class ObjectStore:
             id_marker = root.findtext(ns + "NextUploadIdMarker") or ""
             if not key_marker and not id_marker:
                 raise OriginError("upload listing truncated without markers")
-            query = {"uploads": "", "prefix": prefix, "key-marker": key_marker,
-                     "upload-id-marker": id_marker}
+            query = {"uploads": "", "prefix": prefix, "encoding-type": "url",
+                     "key-marker": decode(key_marker), "upload-id-marker": id_marker}
 
     def _copy_source(self, key: str) -> str:
         return f"/{self.config.bucket}/{quote(key, safe='/~')}"
@@ -741,6 +839,11 @@ class ObjectStore:
         and the count."""
         if not 1 <= batch_size <= 1000:
             raise InvalidArgument(f"delete batch size {batch_size} is outside 1..1000")
+        # A key XML cannot carry (control characters; a CR would arrive as LF) cannot be named
+        # in a DeleteObjects body: those go one DeleteObject each.
+        for key in [k for k in keys if _XML_UNSAFE.search(k)]:
+            await self.delete_object(key)
+        keys = [k for k in keys if not _XML_UNSAFE.search(k)]
         for i in range(0, len(keys), batch_size):
             batch = keys[i:i + batch_size]
             doc = "".join(f"<Object><Key>{xml_escape(k)}</Key></Object>" for k in batch)

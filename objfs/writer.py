@@ -37,12 +37,26 @@ Condition that is only ever held for a few statements, so the loop thread never 
 a blocked writer. Lock order: ``_order`` before ``_state`` before the budget's lock; the loop
 thread takes only ``_state`` and the budget's lock, never ``_order``.
 
-Non-sequential writes raise ``NotSequential``; the caller falls back to a ``StagedFile`` (a
-sparse temp file on local disk, uploaded on close through the same part machinery, read back
-with ``os.pread`` so memory stays bounded). ``SequentialUpload.spill`` hands a sequential
-upload over to a ``StagedFile``: locally if no part has left yet; otherwise the upload is
-completed first (the prefix written so far becomes the object for a moment, as a partly
-written file is visible on a local disk) and downloaded back into the staged file.
+The local copy (``spool``). A file being streamed out must stay readable here (``head`` of a
+checkpoint still being written) and must be able to fall back to staging when the writer
+seeks back, without publishing what was written so far (a partial object every host would
+see) and without downloading it again. So a streaming upload writes through to a spool: a
+sparse temp file in the staging dir. Each part's buffer *is* the spool's bytes at the part's
+offset, a shared file mapping whose range was ``fallocate``d first (so a full disk is an
+error at allocation, never a SIGBUS at the first touch of a page): the write path copies each
+byte once, into the mapping, and the kernel writes the spool back to disk in the background.
+Where the filesystem cannot preallocate, parts are anonymous memory copied into the spool
+when they ship. The spool is bounded by the disk: a part whose allocation would cross the
+cache's free-space floor is not spooled, and from then on that file cannot be read back or
+rewritten out of order while it streams (ENOSPC); the upload itself goes on, and the object
+is published complete at close as usual.
+
+``read`` serves the bytes written so far from the spool. ``spill`` turns the upload into a
+``StagedFile`` (the caller falls back to it after ``NotSequential``, a truncate, an unlink):
+the multipart upload is aborted (nothing published) and the spool becomes the staged file.
+Non-sequential writes raise ``NotSequential``; a ``StagedFile`` is a sparse temp file on local
+disk, uploaded on close through the same part machinery, read back with ``os.pread`` so
+memory stays bounded.
 
 Part schedule (defaults: 4 MiB blocks, 2 blocks per part, part size doubling every 1,000
 parts; ``PartSchedule().describe()``)::
@@ -70,7 +84,8 @@ Metrics: ``upload_parts_inflight`` (up/down counter), ``upload_bytes_buffered`` 
 ``upload_budget_overcommit_total``, ``upload_parts_total``, ``upload_bytes``,
 ``upload_single_put_total``, ``upload_multipart_total``, ``upload_completed_total``,
 ``upload_failed_total``, ``upload_cancelled_total``, ``upload_abort_failures_total``,
-``upload_not_sequential_total``, ``upload_staged_total``, ``upload_staged_download_bytes``.
+``upload_not_sequential_total``, ``upload_staged_total``, ``upload_staged_download_bytes``,
+``upload_spool_lost_total``, ``upload_spilled_total``.
 """
 
 from __future__ import annotations
@@ -127,6 +142,19 @@ class UploadCancelled(UploadFailed):
     """The upload was cancelled with ``abort()``."""
 
     log_level = logging.DEBUG
+
+
+class LocalCopyLost(UploadFailed):
+    """A streaming file's local copy was given up for lack of disk space, so what it needs
+    (reading it back, rewriting it out of order) cannot be done. errno ENOSPC."""
+
+    errno = errno.ENOSPC
+    log_level = logging.WARNING
+
+
+def statvfs_free_bytes(path: str | os.PathLike[str]) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 # ---- part schedule --------------------------------------------------------------------------
@@ -396,7 +424,9 @@ class SequentialUpload:
     ``_written`` (bytes accepted), ``_part_no`` (number of the part being filled),
     ``_buf``/``_buf_len``/``_reserved`` (that part's mmap, bytes in it, budget held for it),
     ``_shipped`` (whether any part left), ``_closed`` (None while open, else why),
-    ``_result`` (the ObjectInfo once finished).
+    ``_result`` (the ObjectInfo once finished), ``_spool`` (the local copy, owned by this
+    upload until ``spill`` hands it over or the upload ends), ``_spool_mode``,
+    ``_spooled_until`` (bytes [0, n) of the object are in the spool or the part buffer).
     Guarded by ``_state`` (short sections, writer threads and the loop): ``_inflight`` (parts
     submitted and not yet ended), ``_etags`` (part number -> ETag), ``_error`` (the first
     failure, latched), ``_upload_id``.
@@ -408,7 +438,9 @@ class SequentialUpload:
                  concurrency: int = 4, metrics: Metrics | None = None,
                  metadata: Mapping[str, str] | None = None,
                  part_slots: asyncio.Semaphore | None = None,
-                 reorder_wait_s: float = 0.05) -> None:
+                 reorder_wait_s: float = 0.05, spool: StagedFile | None = None,
+                 spool_floor_bytes: int = 0,
+                 free_bytes: Callable[[str], int] = statvfs_free_bytes) -> None:
         if concurrency < 1:
             raise ConfigError(f"upload concurrency must be >= 1, not {concurrency}")
         self.key = key
@@ -431,6 +463,13 @@ class SequentialUpload:
         self._shipped = False
         self._closed: str | None = None
         self._result: ObjectInfo | None = None
+        self._spool = spool
+        # "mapped": part buffers are mappings of the spool; "copied": parts are copied into it
+        # when they ship; "lost": given up from ``_spooled_until`` on; None: no spool.
+        self._spool_mode: str | None = "mapped" if spool is not None else None
+        self._spooled_until = 0
+        self._spool_floor_bytes = spool_floor_bytes
+        self._free_bytes = free_bytes
 
         self._state = threading.Condition()
         self._inflight = 0
@@ -514,6 +553,7 @@ class SequentialUpload:
                 raise self._fail(exc) from exc
             self._result = info
             self._closed = "finished"
+            self._close_spool()
             self._order.notify_all()
         self._metrics.inc("upload_completed_total")
         return info
@@ -540,24 +580,59 @@ class SequentialUpload:
             self._metrics.inc("upload_cancelled_total")
             self._shutdown("cancelled")
 
-    def spill(self, staged: StagedFile) -> bool:
-        """Hand everything written so far to ``staged`` and close this upload (the fallback
-        after ``NotSequential``). True when done locally (no part had left); False when the
-        upload had to be completed first and its object downloaded back into ``staged``."""
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of what was written so far (short at its end), from the
+        local copy. Raises ``LocalCopyLost`` (ENOSPC) if they were not kept."""
+        with self._order:
+            end = min(offset + size, self._written)
+            if offset >= end:
+                return b""
+            if self._spool_mode is None or end > self._spooled_until:
+                raise LocalCopyLost(f"{self.key}: the local copy of this file being written was "
+                                    f"given up (cache disk full), so it cannot be read back "
+                                    f"before it is closed")
+            assert self._spool is not None
+            buf_start = self._written - self._buf_len
+            if self._buf is None or self._spool_mode == "mapped" or end <= buf_start:
+                return self._spool.pread(offset, end - offset)
+            # "copied": the part being filled is only in memory.
+            head = self._spool.pread(offset, buf_start - offset) if offset < buf_start else b""
+            lo = max(offset, buf_start) - buf_start
+            return head + bytes(self._buf[lo:end - buf_start])
+
+    def spill(self) -> StagedFile:
+        """Turn this upload into a staged file holding everything written so far, and close
+        it (the fallback after ``NotSequential``, a truncate or an unlink). Parts already
+        uploaded are discarded: the multipart upload is aborted, nothing is published, nothing
+        is downloaded. Raises ``LocalCopyLost`` (the upload then fails: nothing will be
+        published) if the local copy was given up, ``UploadFailed`` if it had failed."""
         with self._order:
             self._check_open()
             self._raise_if_failed()
-            if not self._shipped:
-                if self._buf is not None:
-                    with memoryview(self._buf) as mv, mv[:self._buf_len] as part:
-                        staged.pwrite(0, part)
+            if self._spool_mode is None or self._spooled_until < self._written:
+                err = LocalCopyLost(f"{self.key}: cannot rewrite this file out of order: its "
+                                    f"local copy was given up (cache disk full) and parts of "
+                                    f"it were already uploaded")
+                self._latch(err)
+                self._shutdown("failed")
+                raise err
+            spool = self._spool
+            assert spool is not None
+            if self._buf is not None and self._spool_mode == "copied":
+                with memoryview(self._buf) as mv, mv[:self._buf_len] as tail:
+                    spool.pwrite(self._written - self._buf_len, tail)
+            self._spool = None  # handed over: _shutdown must not close it
+            if self._shipped:
+                self._latch(UploadCancelled(f"upload of {self.key} was turned into a staged "
+                                            f"file"))
+                self._shutdown("spilled")
+            else:
                 self._release_buffer()
                 self._closed = "spilled"
                 self._order.notify_all()
-                return True
-        info = self.finish()
-        staged.init_from(info)
-        return False
+            spool.truncate(self._written)
+        self._metrics.inc("upload_spilled_total")
+        return spool
 
     # ---- writer-side helpers (caller holds _order) -------------------------------------------
 
@@ -589,7 +664,7 @@ class SequentialUpload:
         self._budget.acquire(size)
         self._reserved = size
         try:
-            self._buf = mmap.mmap(-1, size)
+            self._buf = self._part_buffer(self._written, size)
         except BaseException:
             self._budget.release(size)
             self._reserved = 0
@@ -600,6 +675,42 @@ class SequentialUpload:
         except UploadFailed:
             self._release_buffer()
             raise
+
+    def _part_buffer(self, start: int, size: int) -> mmap.mmap:
+        """The buffer of a part starting at ``start``: a mapping of the spool where that
+        works, else anonymous memory (copied into the spool at ship, or not spooled)."""
+        if self._spool_mode in ("mapped", "copied"):
+            assert self._spool is not None
+            if not self._spool_has_room(size):
+                self._lose_spool(start, "the cache disk is at its free-space floor")
+            elif self._spool_mode == "mapped":
+                try:
+                    buf = self._spool.map_range(start, size)
+                    self._spooled_until = start + size
+                    return buf
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        self._lose_spool(start, "the cache disk is full")
+                    else:  # no preallocation here (EOPNOTSUPP...): copy parts instead
+                        self._spool_mode = "copied"
+        if self._spool_mode == "copied":
+            self._spooled_until = start + size  # the tail is in memory until it ships
+        return mmap.mmap(-1, size)
+
+    def _spool_has_room(self, size: int) -> bool:
+        assert self._spool is not None
+        try:
+            return self._free_bytes(self._spool.directory) - size >= self._spool_floor_bytes
+        except OSError:
+            return False
+
+    def _lose_spool(self, start: int, why: str) -> None:
+        log.warning("%s: not keeping a local copy past %s while it uploads: %s (reading it "
+                    "back or rewriting it out of order before close is ENOSPC now)",
+                    self.key, _fmt_bytes(start), why)
+        self._metrics.inc("upload_spool_lost_total")
+        self._spool_mode = "lost"
+        self._spooled_until = start
 
     def _release_buffer(self) -> None:
         if self._buf is not None:
@@ -614,6 +725,14 @@ class SequentialUpload:
         """Hand the part being filled to the loop. BLOCKS for an in-flight slot."""
         buf, length, reserved, number = self._buf, self._buf_len, self._reserved, self._part_no
         assert buf is not None and length > 0
+        if self._spool_mode == "copied":
+            assert self._spool is not None
+            start = self._written - length
+            try:
+                with memoryview(buf) as mv, mv[:length] as part:
+                    self._spool.pwrite(start, part)
+            except OSError as exc:
+                self._lose_spool(start, f"writing it failed ({exc.strerror or exc})")
         with self._state:
             while self._inflight >= self._concurrency and self._error is None:
                 self._state.wait()
@@ -683,7 +802,13 @@ class SequentialUpload:
         finally:
             self._release_buffer()
             self._wait_drained()
+            self._close_spool()
             self._order.notify_all()
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     # ---- loop side ---------------------------------------------------------------------------
 
@@ -795,8 +920,10 @@ class SequentialUpload:
 @dataclasses.dataclass(frozen=True)
 class UploadSettings:
     """What every upload of a mount shares: the store and loop, the memory budget, the part
-    schedule, how many parts of one file are in flight, the metrics, and an optional cap on
-    parts in flight across all uploads. Staged files upload through the same settings."""
+    schedule, how many parts of one file are in flight, the metrics, an optional cap on
+    parts in flight across all uploads, and where local copies live (``staging_dir``, kept
+    above ``spool_floor_bytes`` of free space). Staged files upload through the same
+    settings."""
 
     store: ObjectStore
     loop: EventLoopThread
@@ -805,13 +932,25 @@ class UploadSettings:
     concurrency: int = 4
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     part_slots: asyncio.Semaphore | None = None
+    staging_dir: str | None = None
+    spool_floor_bytes: int = 0
+    free_bytes: Callable[[str], int] = statvfs_free_bytes
 
     def upload(self, key: str, metadata: Mapping[str, str] | None = None, *,
-               reorder_wait_s: float = 0.05) -> SequentialUpload:
+               reorder_wait_s: float = 0.05, spooled: bool = False) -> SequentialUpload:
+        """A sequential upload; ``spooled``: with a local copy in ``staging_dir`` (readable
+        while it streams, turned into a staged file by ``spill``)."""
+        spool = None
+        if spooled:
+            if self.staging_dir is None:
+                raise ConfigError("a spooled upload needs a staging dir")
+            spool = StagedFile(self.staging_dir, key, self, metadata=metadata)
         return SequentialUpload(self.store, self.loop, key, budget=self.budget,
                                 schedule=self.schedule, concurrency=self.concurrency,
                                 metrics=self.metrics, metadata=metadata,
-                                part_slots=self.part_slots, reorder_wait_s=reorder_wait_s)
+                                part_slots=self.part_slots, reorder_wait_s=reorder_wait_s,
+                                spool=spool, spool_floor_bytes=self.spool_floor_bytes,
+                                free_bytes=self.free_bytes)
 
 
 class StagedFile:
@@ -836,6 +975,7 @@ class StagedFile:
         self._loop = settings.loop
         self._metrics = settings.metrics
         self.metadata = dict(metadata or {})
+        self.directory = str(staging_dir)
         self._lock = threading.Lock()
         fd, path = tempfile.mkstemp(prefix=".objfs-staged-", dir=Path(staging_dir))
         os.unlink(path)
@@ -867,6 +1007,18 @@ class StagedFile:
     def pread(self, offset: int, size: int) -> bytes:
         with self._lock:
             return os.pread(self._check(), size, offset)
+
+    def map_range(self, offset: int, size: int) -> mmap.mmap:
+        """A shared writable mapping of bytes [offset, offset+size), allocated on disk first
+        (``posix_fallocate``), so that writing it can never meet a full disk (which would be
+        SIGBUS, not an error). ``offset`` must be a multiple of the page size. Raises OSError
+        (ENOSPC; EOPNOTSUPP where the filesystem cannot preallocate)."""
+        with self._lock:
+            fd = self._check()
+            if os.fstat(fd).st_size < offset + size:
+                os.ftruncate(fd, offset + size)
+            os.posix_fallocate(fd, offset, size)
+            return mmap.mmap(fd, size, offset=offset)
 
     def truncate(self, size: int) -> None:
         if size < 0:

@@ -125,7 +125,7 @@ _COLUMNS = [  # header, width
 
 def _fuse_ops(m: dict[str, float]) -> float:
     return sum(v for k, v in m.items() if k.startswith("fuse_") and k.endswith("_total")
-               and not k.endswith("_errors_total"))
+               and not k.endswith(("_errors_total", "_refused_total")))
 
 
 def _errors(m: dict[str, float]) -> float:

@@ -4,6 +4,7 @@ which enforces S3's 5 MiB minimum for every part but the last), mostly through t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import random
 import threading
@@ -456,26 +457,94 @@ def test_staged_upload_failure_is_eio_and_leaves_the_old_object(s3, bucket, prox
     assert open_uploads(s3, bucket) == []
 
 
+def spooled(tmp_path, store, loop, key, **kw) -> SequentialUpload:
+    kw.setdefault("budget", WriteBudget(64 * MiB))
+    free = kw.pop("free_bytes", None)
+    settings = UploadSettings(store, loop, staging_dir=str(tmp_path), **kw)
+    if free is not None:
+        settings = dataclasses.replace(settings, free_bytes=free)
+    return settings.upload(key, spooled=True)
+
+
 def test_spill_hands_a_sequential_upload_to_a_staged_file(s3, bucket, proxy, loop, tmp_path):
     store, _ = make_store(proxy.endpoint, bucket, loop)
     budget = WriteBudget(64 * MiB)
     # Nothing uploaded yet: the buffered bytes move to disk, no request is made.
-    upload = SequentialUpload(store, loop, "spill-small", budget=budget)
+    upload = spooled(tmp_path, store, loop, "spill-small", budget=budget)
     upload.write(0, b"header--" + b"body" * 1000)
-    f = staged(tmp_path, store, loop, "spill-small", budget=budget)
-    assert upload.spill(f) is True
-    assert budget.used_bytes == 0 and proxy.requests["put"] == 0
+    f = upload.spill()
+    assert budget.used_bytes == 0 and sum(proxy.requests.values()) == 0
     f.pwrite(0, b"HEADER")  # the seek back that caused the fallback
     f.upload()
     assert get(s3, bucket, "spill-small") == b"HEADER--" + b"body" * 1000
 
-    # Parts already uploaded: completed, then downloaded back.
-    data = blob(PART + MiB)
-    upload = SequentialUpload(store, loop, "spill-big", budget=budget)
+    # Parts already uploaded: discarded (the multipart upload is aborted), nothing is
+    # published or downloaded, and the local copy becomes the staged file.
+    proxy.reset()
+    data = blob(PART * 2 + MiB)
+    upload = spooled(tmp_path, store, loop, "spill-big", budget=budget)
     write_all(upload, data, [MiB])
-    f = staged(tmp_path, store, loop, "spill-big", budget=budget)
-    assert upload.spill(f) is False
+    f = upload.spill()
+    assert proxy.requests["complete_multipart"] == 0 and proxy.requests["get"] == 0
+    assert proxy.requests["abort_multipart"] == 1 and open_uploads(s3, bucket) == []
+    assert not exists(s3, bucket, "spill-big")
+    assert f.size == len(data) and f.pread(0, len(data)) == data
     f.pwrite(10, b"patched")
     f.upload()
     assert get(s3, bucket, "spill-big") == data[:10] + b"patched" + data[17:]
     assert budget.used_bytes == 0
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "copied"])
+def test_a_streaming_upload_reads_back_from_its_local_copy(s3, bucket, proxy, loop, tmp_path,
+                                                           monkeypatch, mapped):
+    if not mapped:  # a filesystem that cannot preallocate: parts are copied into the spool
+        def no_fallocate(self, offset, size):
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        monkeypatch.setattr(StagedFile, "map_range", no_fallocate)
+    store, _ = make_store(proxy.endpoint, bucket, loop)
+    data = blob(PART * 2 + 3 * MiB + 5, seed=3)
+    upload = spooled(tmp_path, store, loop, "streamed")
+    write_all(upload, data[:PART + 3 * MiB], [MiB])  # one part shipped, one being filled
+    for offset, size in ((0, 100), (PART - 10, 20), (PART + MiB, 2 * MiB), (0, len(data))):
+        assert upload.read(offset, size) == data[offset:min(offset + size, PART + 3 * MiB)]
+    assert not exists(s3, bucket, "streamed") and proxy.requests["complete_multipart"] == 0
+    pos = PART + 3 * MiB
+    upload.write(pos, data[pos:])
+    assert upload.read(len(data) - 7, 100) == data[-7:]
+    upload.finish()
+    assert get(s3, bucket, "streamed") == data
+    assert list(tmp_path.iterdir()) == []  # the local copy is gone with the upload
+
+
+def test_without_room_for_its_local_copy_a_stream_still_publishes_whole(s3, bucket, proxy,
+                                                                         loop, tmp_path):
+    """Past the cache disk's free-space floor the local copy is given up: reading back or
+    rewriting out of order is then ENOSPC and publishes nothing; plain streaming is fine."""
+    store, metrics = make_store(proxy.endpoint, bucket, loop)
+    data = blob(PART * 3, seed=5)
+    asked: list[str] = []
+
+    def free(path: str) -> int:  # room for the first part's copy, then the disk is full
+        asked.append(path)
+        return 10 * PART if len(asked) == 1 else PART // 2
+
+    upload = spooled(tmp_path, store, loop, "full-disk", free_bytes=free)
+    write_all(upload, data, [MiB])
+    upload.finish()
+    assert get(s3, bucket, "full-disk") == data
+    assert asked == [str(tmp_path)] * 2  # not asked again once given up
+
+    asked.clear()
+    upload = spooled(tmp_path, store, loop, "rewritten", free_bytes=free)
+    write_all(upload, data, [MiB])  # the second part found no room
+    assert upload.read(0, 10) == data[:10]
+    with pytest.raises(UploadFailed) as info:
+        upload.read(PART + 10, 10)
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(UploadFailed) as info:
+        upload.spill()
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(UploadFailed):
+        upload.finish()
+    assert not exists(s3, bucket, "rewritten") and open_uploads(s3, bucket) == []
