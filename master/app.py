@@ -29,6 +29,7 @@ from objfs.master.protocol import MemberReport, PreloadRequest
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+_WARN_EVERY_S = 60.0
 _COUNTERS = (  # metric name in Metrics -> (Prometheus name, labels, help)
     ("preload_fetched_bytes", "objfs_master_preload_bytes_total", {"result": "fetched"},
      "bytes of preload extents by outcome"),
@@ -63,10 +64,18 @@ def make_app(coordinator: Coordinator, secret: bytes, *,
              clock: Callable[[], float] = time.time) -> web.Application:
     """The root app: ``/metrics`` open, ``/v1/...`` signed."""
     metrics = coordinator.metrics
+    warned_at: dict[str, float] = {}  # remote -> last warning (monotonic); the loop thread only
 
     def refused(remote: str, reason: str) -> None:
+        """Count every refusal; log at most one a minute per remote address."""
         metrics.inc("auth_refused_total")
-        log.warning("refused a request from %s: %s", remote, reason)
+        now = time.monotonic()
+        if now - warned_at.get(remote, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            if len(warned_at) > 1024:
+                warned_at.clear()
+            warned_at[remote] = now
+            log.warning("refused a request from %s: %s (further refusals from it are "
+                        "counted, logged again in a minute)", remote, reason)
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
