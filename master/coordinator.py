@@ -278,8 +278,9 @@ class Coordinator:
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the state is inconsistent (for tests):
 
-        - every unfinished extent of a running job is in exactly one work index (``queue``
-          when PENDING, ``leased`` when LEASED) under its assignee, and nothing else is;
+        - every extent of a running job is in exactly one work index under its assignee
+          (``queue`` when PENDING, ``leased`` when LEASED, ``homed`` when DONE), a FAILED
+          one in none, and nothing else is in them;
         - a job's ``extents_final``/``extents_failed`` count its final extents, its bytes
           by outcome add up to the bytes of its final extents, and each host's
           ``extents_assigned`` counts the unfinished extents assigned to it;
@@ -287,7 +288,7 @@ class Coordinator:
         """
         with self._lock, self._state.read() as txn:
             work: dict[tuple[str, int], list[tuple[str, str]]] = {}
-            for index in ("queue", "leased"):
+            for index in ("queue", "leased", "homed"):
                 for member_id, job_id, task, _, _ in txn.all_work(index):
                     work.setdefault((job_id, task), []).append((index, member_id))
             for job in self._jobs.values():
@@ -303,7 +304,8 @@ class Coordinator:
                     state = TaskState(task["st"])
                     entries = work.get((job.id, n), [])
                     if state.final:
-                        assert not entries, f"final extent {job.id}/{n} in {entries}"
+                        homed = [("homed", task["a"])] if state is TaskState.DONE else []
+                        assert entries == homed, f"{state.value} {job.id}/{n} in {entries}"
                         final += 1
                         failed += state is TaskState.FAILED
                         final_bytes += extent_bytes(task["s"], task["x"], task["xp"])
@@ -361,6 +363,8 @@ class Coordinator:
             for job_id, task, digest, extent in txn.work_of(index, member_id):
                 moved += self._move(txn, index, member_id, job_id, task, digest, extent,
                                     reassigned=True)
+        for job_id, task, digest, extent in txn.work_of("homed", member_id):
+            moved += self._rehome(txn, member_id, job_id, task, digest, extent)
         self.metrics.inc("members_dropped_total")
         self.metrics.inc("extents_reassigned_total", moved)
         log.warning("member %s dropped from %s (%s): %d unfinished extents reassigned, "
@@ -399,6 +403,49 @@ class Coordinator:
         txn.put_work("queue", owner, job_id, task_no, digest, extent)
         if reassigned:
             job.extents_reassigned += 1
+        return 1
+
+    def _rehome(self, txn: Txn, member_id: str, job_id: str, task_no: int, digest: bytes,
+                extent: int) -> int:
+        """A DONE extent of a dropped member: take its counts back and queue it for its new
+        owner (its pages left with the member)."""
+        txn.delete_work("homed", member_id, job_id, task_no)
+        job = self._jobs.get(job_id)
+        task = txn.get_task(job_id, task_no) if job is not None else None
+        if job is None or task is None or job.state is not JobState.RUNNING \
+                or task["st"] != TaskState.DONE.value:
+            return 0
+        eb = extent_bytes(task["s"], task["x"], task["xp"])
+        fetched = task["fb"]
+        skipped = eb - fetched
+        job.extents_final -= 1
+        job.bytes_done -= fetched
+        job.bytes_skipped -= skipped
+        host = job.host(member_id)
+        host.extents_done -= 1
+        host.bytes_done -= fetched
+        host.bytes_skipped -= skipped
+        file = txn.get_file(job_id, task["f"])
+        if file is not None:
+            if file["left"] == 0:  # the file was final: take its classification back
+                if file["failed"]:
+                    job.files_failed -= 1
+                elif file["fb"] == 0:
+                    job.files_skipped -= 1
+                else:
+                    job.files_done -= 1
+            file["left"] += 1
+            file["fb"] -= fetched
+            file["sb"] -= skipped
+            txn.put_file(job_id, task["f"], file)
+        task["fb"] = 0
+        task["a"] = ORPHAN  # counted as nobody's while it was DONE
+        owner = owner_of(self._registry.ring(job.group, job.extent_pages), digest, extent)
+        owner = ORPHAN if owner is None else owner
+        self._set_task(job, task, TaskState.PENDING, owner)
+        txn.put_task(job_id, task_no, task)
+        txn.put_work("queue", owner, job_id, task_no, digest, extent)
+        job.extents_reassigned += 1
         return 1
 
     def _set_task(self, job: Job, task: dict[str, Any], state: TaskState,
@@ -515,6 +562,8 @@ class Coordinator:
         if result.state == "done":
             skipped, failed = eb - fetched, 0
             self._set_task(job, task, TaskState.DONE)
+            txn.put_work("homed", member_id, job.id, result.task, bytes.fromhex(task["d"]),
+                         task["x"])
         else:
             skipped = min(max(0, result.skipped_bytes - prior), eb - fetched)
             failed = eb - fetched - skipped
@@ -597,7 +646,7 @@ class Coordinator:
     def _end(self, txn: Txn, job: Job, state: JobState, message: str | None) -> None:
         job.transition(state, self._wall())
         job.message = message
-        for index in ("queue", "leased"):
+        for index in ("queue", "leased", "homed"):
             for member_id, job_id, task, _, _ in txn.all_work(index):
                 if job_id == job.id:
                     txn.delete_work(index, member_id, job_id, task)

@@ -21,6 +21,11 @@ Extent (task) states (``TaskState``)::
     LEASED --reported failed, no attempts left--> FAILED
     LEASED --member dropped / restarted / forgot it--> PENDING (new owner)
     PENDING --owner changed (member joined or dropped)--> PENDING (new owner)
+    DONE --its member dropped while the job runs--> PENDING (new owner; re-homed)
+
+An extent DONE by a member that is dropped before the job ends is fetched again by its new
+owner (its counts are taken back first): the pages went with the member, and a job that says
+done means its data is Ready on the members that own it now.
 
 Counting: every byte of a job ends in exactly one of ``bytes_done`` (fetched from the origin
 by this job), ``bytes_skipped`` (already Ready on its owner) and ``bytes_failed``; a file is
@@ -68,13 +73,14 @@ class TaskState(enum.Enum):
 
     @property
     def final(self) -> bool:
+        """Counted in the job's totals (a DONE extent may still be re-homed)."""
         return self in (TaskState.DONE, TaskState.FAILED)
 
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.PENDING, TaskState.LEASED}),
     TaskState.LEASED: frozenset({TaskState.PENDING, TaskState.DONE, TaskState.FAILED}),
-    TaskState.DONE: frozenset(),
+    TaskState.DONE: frozenset({TaskState.PENDING}),
     TaskState.FAILED: frozenset(),
 }
 

@@ -11,10 +11,11 @@ big-endian, so one job's records are contiguous and in order)::
     filekeys  job id + blake2b(key)         -> file no (a relisted key is planned once)
     queue     member id + NUL + job + task  -> version digest (16) + extent (4): PENDING work
     leased    member id + NUL + job + task  -> same: work handed to that member
+    homed     member id + NUL + job + task  -> same: work that member completed (running jobs)
 
-``queue`` and ``leased`` are the per-member indexes of unfinished work: leasing walks the
-member's ``queue`` range (oldest job first, since job ids start with their creation time);
-a dropped member's two ranges are what gets reassigned. Their values carry what the owner
+``queue``, ``leased`` and ``homed`` are the per-member indexes of a running job's extents:
+leasing walks the member's ``queue`` range (oldest job first, since job ids start with their
+creation time); a dropped member's three ranges are what gets reassigned. Their values carry what the owner
 function needs, so a change of owners never reads the task records.
 
 The tasks, files and keys of a job are deleted when it ends (its counters live on in the job
@@ -177,7 +178,8 @@ class Txn:
 class StateStore:
     """Owns the LMDB environment of a state dir."""
 
-    DATABASES = ("meta", "members", "jobs", "tasks", "files", "filekeys", "queue", "leased")
+    DATABASES = ("meta", "members", "jobs", "tasks", "files", "filekeys", "queue", "leased",
+                 "homed")
 
     def __init__(self, path: Path, map_size: int = 1 << 34) -> None:
         self.path = path

@@ -389,3 +389,32 @@ def test_a_member_changing_its_mount_is_a_new_member(tmp_path) -> None:
     coordinator.check_invariants()
     finish_all(coordinator, [A])
     assert coordinator.status(job["id"])["state"] == "done"
+
+
+def test_extents_done_by_a_dropped_member_are_fetched_again_by_their_new_owner(tmp_path):
+    coordinator, clock, _ = make(tmp_path, FakeOrigin({"k/one": 3 * MiB, "k/big": 40 * MiB}))
+    beat(coordinator, A, want=0)
+    beat(coordinator, B, want=0)
+    job = coordinator.submit(PreloadRequest("data", path="k/"))
+    work = beat(coordinator, A).work
+    assert work
+    results = [TaskResult(w.job, w.task, "done", extent_bytes(w.size, w.extent, 8))
+               for w in work]
+    beat(coordinator, A, results=results)
+    before = coordinator.status(job["id"])
+    assert before["hosts"][A]["extents_done"] == len(work) > 0
+    clock.now += 6
+    beat(coordinator, B, want=0)
+    clock.now += 6
+    coordinator.sweep()            # A is dropped: its finished extents are B's to fetch now
+    coordinator.check_invariants()
+    after = coordinator.status(job["id"])
+    assert after["extents"]["final"] == 0 and after["bytes"]["done"] == 0
+    assert after["files"]["done"] == 0 and after["hosts"][A]["extents_done"] == 0
+    assert after["extents"]["reassigned"] == len(work)
+    again = {(w.key, w.extent) for w in beat(coordinator, B).work}
+    assert {(w.key, w.extent) for w in work} <= again
+    finish_all(coordinator, [B])
+    status = coordinator.status(job["id"])
+    assert status["state"] == "done" and status["bytes"]["done"] == 43 * MiB
+    assert status["files"] == {"total": 2, "done": 2, "skipped": 0, "failed": 0}
