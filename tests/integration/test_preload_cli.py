@@ -208,10 +208,13 @@ def test_status_list_and_cancel(master, cluster, bucket) -> None:
 
     waiting = master.popen("preload", "status", job_id, "--wait", stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
-    cancelled = master.cli("preload", "cancel", job_id)
-    assert cancelled.returncode == 0 and cancelled.stdout.strip() == \
-        f"preload {job_id} cancelled"
-    out, err = waiting.communicate(timeout=60)
+    try:
+        cancelled = master.cli("preload", "cancel", job_id)
+        assert cancelled.returncode == 0 and cancelled.stdout.strip() == \
+            f"preload {job_id} cancelled"
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        reap(waiting)
     assert waiting.returncode == 1
     assert err.strip() == f"objfs: preload {job_id} was cancelled"
     one_error_line(master.cli("preload", "cancel", job_id), "already cancelled")
@@ -237,10 +240,13 @@ def test_interrupt_leaves_the_job_running_or_cancels_it(master, cluster, bucket)
         for extra, expected in (([], "running"), (["--cancel-on-interrupt"], "cancelled")):
             proc = master.popen("preload", f"s3://{bucket}/data/", "--wait", *extra,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            job_id = wait_for_job(master, expected_count=1 if not extra else 2)
-            time.sleep(0.3)  # let it reach its wait loop
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
+            try:
+                job_id = wait_for_job(master, expected_count=1 if not extra else 2)
+                time.sleep(0.3)  # let it reach its wait loop
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=60)
+            finally:
+                reap(proc)
             assert proc.returncode == 130, (out, err)
             assert "Traceback" not in err
             assert err.strip().splitlines()[-1].startswith("objfs: interrupted")
@@ -263,6 +269,7 @@ def test_interrupt_on_a_terminal_asks_whether_to_cancel(master, cluster, bucket)
     driver = Driver(cluster, work=False)
     driver.start()
     pty_master, pty_slave = pty.openpty()
+    proc = None
     try:
         proc = master.popen("preload", f"s3://{bucket}/data/", "--wait", stdin=pty_slave,
                             stdout=pty_slave, stderr=subprocess.PIPE)
@@ -277,8 +284,16 @@ def test_interrupt_on_a_terminal_asks_whether_to_cancel(master, cluster, bucket)
         assert master.client().list()[0]["state"] == "cancelled"
     finally:
         driver.stop()
+        reap(proc)
         os.close(pty_master)
         os.close(pty_slave)
+
+
+def reap(proc: subprocess.Popen | None) -> None:
+    """Never leave a CLI process behind when a test fails half-way."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
