@@ -16,10 +16,24 @@ States and transitions of one page (``PageState``)::
   128 KiB chunks asked for) + checksum. It never touches the event loop. A file that is gone or
   does not verify is a miss: the page is forgotten and refetched, never EIO.
 - Missing runs are coalesced into ranged GETs of up to ``request_pages`` pages, issued on the
-  event loop (at most ``parallelism`` at once) through the source chain (origin today, the
-  owning peer later). Writing pages to disk happens on a small writer pool, off the loop.
+  event loop through the source chain. Writing pages to disk happens on a small writer pool,
+  off the loop.
+- Fetch slots are a ``cache.limits.PriorityGate`` of ``parallelism`` slots: demand reads go
+  before readahead, readahead before preload, and the less urgent kinds leave slots free for
+  demand reads. A reader that starts waiting on a queued readahead run promotes it.
 - Sequential readers claim a readahead window beyond the pages they asked for
   (``cache.readahead.ReadStream``); those fetches run in the background.
+
+In a cluster (``extent_pages`` set, a peer source in the chain): runs are also cut at extent
+boundaries (``cache.ring.split_at_extents``) so each run has one owner. A run owned by another
+member waits for a slot of a second gate (``_peer_gate``) and asks that owner; on a miss it
+gives that slot back and takes an origin slot. Origin slots are only ever held by origin GETs,
+so two members asking each other can never hold all of each other's slots (no deadlock).
+The owner side is ``claim_for_peer``/``pages_for_peer``: READY pages are handed out as open
+page files (sent with sendfile by ``cache.peer``), missing ones are claimed in this cache's
+own single-flight ``_inflight`` state and fetched from the origin only (an owner never
+forwards). Eviction is replica-aware (``cache.policy``): ``owns(page id)`` says which pages
+this host owns; a membership change reclassifies in the maintenance thread.
 
 Capacity: ``capacity_bytes`` counts page files including headers; the policy admits a page only
 after evicting enough, so usage never exceeds capacity beyond pages in flight (which are in
@@ -33,9 +47,14 @@ Persistence: page files live in ``DIR/data/XX/<page id hex>``; the LMDB index
 a background pass then removes orphan files (written but never indexed, or temp files of a
 crash). An indexed page whose file vanished is found on first read and refetched.
 
-Lock order: ``_lock`` only. It is never held across file I/O, the event loop or a future wait;
-the one exception is the LMDB commit of stored pages (``sync=False``: a memory-mapped write of
-a few records), which must be atomic with the INFLIGHT -> READY transition.
+Locks: ``_lock`` guards the in-memory state; ``OpenPageFiles`` has its own, taken inside or
+outside ``_lock`` but never around anything else. Neither is ever held across file I/O (an
+``open``, a ``statvfs``), an LMDB transaction, the event loop or a future wait: the FUSE
+adapter serves hits holding llfuse's global lock, so anything a hit may wait for must never
+wait for the disk. A hit (``read_if_ready``) reads only through descriptors already open and
+only bytes already in memory (``RWF_NOWAIT``); anything else is left to ``read``, which runs
+with llfuse's lock released. Stored pages get their index entries outside ``_lock`` and go
+READY under it afterwards (``_persist``).
 """
 
 from __future__ import annotations
@@ -59,9 +78,11 @@ import lmdb
 from objfs.cache.format import (CHUNK_SIZE, HEADER_SIZE, CorruptPage, PageHeader,
                                 decode_header, encode_header, verify_chunks)
 from objfs.cache.index import PageIndex
+from objfs.cache.limits import Priority, PriorityGate, Ticket
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion, coalesce, page_id, page_span
 from objfs.cache.policy import EvictionPolicy, make_policy
 from objfs.cache.readahead import ReadStream
+from objfs.cache.ring import split_at_extents
 from objfs.cache.sources import SourceChain
 from objfs.errors import ObjfsError, OriginError
 from objfs.loop import EventLoopThread
@@ -109,8 +130,10 @@ class OpenPageFiles:
     An ``open`` and a ``close`` per hit were a quarter of a 4 KiB hit's CPU. A descriptor is
     closed only once no read uses it (``users``): ``retire`` (the page's file was removed)
     closes it at once if idle, else when its last reader gives it back; the LRU bound closes
-    idle ones. ``borrow`` opens under the lock, and removals retire after unlinking, so a
-    descriptor of a removed file is never kept (it would pin the file's disk space).
+    idle ones. ``borrow`` opens a file outside the lock (an ``open`` can wait for the disk,
+    and a hit that needs no open must never wait behind one) and keeps it only if it still
+    has a name (``st_nlink``, checked under the lock): removals retire after unlinking, so
+    a descriptor of a removed file is never kept (it would pin the file's disk space).
     Content is immutable per page id, so a descriptor is never "of an older version".
     """
 
@@ -119,22 +142,47 @@ class OpenPageFiles:
         self._open: OrderedDict[bytes, _OpenPageFile] = OrderedDict()  # guarded by _lock
         self._capacity = capacity
 
-    def borrow(self, pid: bytes, path: str) -> _OpenPageFile:
-        """The open file of ``pid`` (opening ``path`` if needed), held until ``give_back``.
-        Raises what ``os.open`` raises."""
+    def borrow(self, pid: bytes, path: str, *, open_file: bool = True) -> _OpenPageFile | None:
+        """The open file of ``pid`` (opening ``path`` if needed and ``open_file``), held
+        until ``give_back``; None if it is not open and ``open_file`` is False. Raises what
+        ``os.open`` raises (FileNotFoundError for a file removed meanwhile)."""
         idle: list[int] = []
         with self._lock:
             entry = self._open.get(pid)
-            if entry is None:
-                entry = _OpenPageFile(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-                self._open[pid] = entry
-            else:
+            if entry is not None:
                 self._open.move_to_end(pid)
-            entry.users += 1  # before trimming: the entry is in use from here on
-            if len(self._open) > self._capacity:
-                idle = self._trim_locked()
+                entry.users += 1  # before trimming: the entry is in use from here on
+                if len(self._open) > self._capacity:
+                    idle = self._trim_locked()
+        if entry is None:
+            if not open_file:
+                return None
+            entry = self._open_and_keep(pid, path)
         for fd in idle:
             os.close(fd)
+        return entry
+
+    def _open_and_keep(self, pid: bytes, path: str) -> _OpenPageFile:
+        fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # may wait: no lock held
+        idle: list[int] = []
+        try:
+            with self._lock:
+                entry = self._open.get(pid)
+                if entry is None:
+                    if os.fstat(fd).st_nlink == 0:  # removed after our open: not kept
+                        raise FileNotFoundError(path)
+                    entry = self._open[pid] = _OpenPageFile(fd)
+                    fd = None
+                else:  # opened by another reader meanwhile
+                    self._open.move_to_end(pid)
+                entry.users += 1
+                if len(self._open) > self._capacity:
+                    idle = self._trim_locked()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        for old in idle:
+            os.close(old)
         return entry
 
     def give_back(self, entry: _OpenPageFile) -> None:
@@ -191,6 +239,41 @@ class PageState(enum.Enum):
     READY = "ready"
 
 
+class ServedPage:
+    """One page of a peer request (``PageCache.claim_for_peer``): either an open READY page
+    file (``file``: send ``HEADER_SIZE + length`` bytes of it, then ``give_back``) or the
+    page's bytes (``data``, once its fetch is done; ``future`` until then)."""
+
+    __slots__ = ("index", "length", "file", "future", "data")
+
+    def __init__(self, index: int, length: int, file: _OpenPageFile | None = None,
+                 future: Future | None = None) -> None:
+        self.index = index
+        self.length = length
+        self.file = file
+        self.future = future
+        self.data: memoryview | bytes | None = None
+
+
+async def _shared_result(fut: Future, timeout: float) -> object:
+    """Await a ``concurrent.futures.Future`` that other threads share, without ever
+    cancelling it (``asyncio.wrap_future`` cancels the source when the waiter is cancelled:
+    a peer hanging up would fail every local reader of that page)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def done(f: Future) -> None:
+        try:
+            loop.call_soon_threadsafe(
+                lambda: None if waiter.done() else waiter.set_result(None))
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    fut.add_done_callback(done)
+    await asyncio.wait_for(asyncio.shield(waiter), timeout)
+    return fut.result()
+
+
 def statvfs_free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -199,7 +282,8 @@ def statvfs_free_bytes(path: Path) -> int:
 class PageCache:
     """Thread-safe. Fields under ``_lock``: ``_inflight``, ``_policy``, ``_touched``, ``_seq``,
     ``_free_estimate``. The event-loop thread runs fetches; writer threads persist pages; the
-    maintenance thread flushes last-use order and reconciles files."""
+    maintenance thread flushes last-use order, reconciles files and reclassifies pages after
+    a membership change."""
 
     def __init__(self, directory: Path, sources: SourceChain, loop: EventLoopThread, *,
                  metrics: Metrics, capacity_bytes: int, policy: str = "lru",
@@ -208,7 +292,8 @@ class PageCache:
                  fetch_timeout_s: float = 300.0, unkept_pages: int = 64,
                  free_bytes: Callable[[Path], int] = statvfs_free_bytes,
                  clock: Callable[[], float] = time.monotonic,
-                 background: bool = True) -> None:
+                 background: bool = True, extent_pages: int | None = None,
+                 owns: Callable[[bytes], bool] | None = None) -> None:
         if request_pages < 1 or parallelism < 1 or max_window_pages < 1:
             raise ValueError("request pages, parallelism and readahead must be >= 1")
         self.directory = directory
@@ -219,7 +304,19 @@ class PageCache:
         self._loop = loop
         self._metrics = metrics
         self._request_pages = request_pages
-        self._fetch_limit = asyncio.Semaphore(parallelism)  # used on the loop only
+        if extent_pages is not None and extent_pages < 1:
+            raise ValueError("extent pages must be >= 1")
+        self._extent_pages = extent_pages  # cut runs at these boundaries (one owner per run)
+        self._gate = PriorityGate(parallelism)  # origin fetch slots; used on the loop only
+        # Slots of runs asking a peer (loop only); None without a cache source in the chain.
+        self._peer_gate = PriorityGate(parallelism) if sources.has_cache_sources else None
+        # Tickets of runs not finished yet, by page id, to promote them when a more urgent
+        # reader waits on their pages. Guarded by _tickets_lock (never held across anything,
+        # so the loop may take it).
+        self._tickets: dict[bytes, Ticket] = {}
+        self._tickets_lock = threading.Lock()
+        self._owns = owns  # page id -> owned by this host; None: every page is (no cluster)
+        self._reclassify_due = threading.Event()
         self.max_window_pages = max_window_pages
         self._fetch_timeout_s = fetch_timeout_s
         self._free_bytes = free_bytes
@@ -256,6 +353,8 @@ class PageCache:
         metrics.gauge("cache_capacity_bytes", lambda: self.capacity_bytes)
         metrics.gauge("cache_pages_ready", lambda: len(self._policy))
         metrics.gauge("cache_pages_inflight", lambda: len(self._inflight))
+        if owns is not None:
+            metrics.gauge("cache_pages_copies", lambda: self._policy.copies)
         if background:
             self._maintenance = threading.Thread(target=self._maintain,
                                                  name="objfs-cache-maint", daemon=True)
@@ -276,7 +375,7 @@ class PageCache:
         entries = sorted(self._index.entries(), key=lambda e: e[2])
         victims: list[Hashable] = []
         for pid, size, seq in entries:
-            victims.extend(self._policy.load(pid, size))
+            victims.extend(self._policy.load(pid, size, self._owned(pid)))
             self._seq = max(self._seq, seq)
         if victims:  # the capacity was lowered since the last run
             self._remove_pages([bytes(v) for v in victims])
@@ -301,8 +400,43 @@ class PageCache:
         while not self._stop.wait(_MAINTENANCE_INTERVAL_S):
             try:
                 self._flush_touched()
+                if self._reclassify_due.is_set():
+                    self.reclassify()
             except Exception:
                 log.exception("page cache maintenance failed")
+
+    # ---- ownership (cluster) ---------------------------------------------------------------
+
+    def _owned(self, pid: bytes) -> bool:
+        owns = self._owns
+        return True if owns is None else owns(pid)
+
+    def set_owner_function(self, owns: Callable[[bytes], bool]) -> None:
+        """The member list changed (``Membership.subscribe``; any thread): new pages are
+        admitted under ``owns`` at once; resident ones are reclassified by the maintenance
+        thread, off the read path (without one, e.g. in tests, call ``reclassify``)."""
+        self._owns = owns
+        self._reclassify_due.set()
+
+    def reclassify(self, batch: int = 4096) -> int:
+        """Sort resident pages into owned and copies under the current owner function;
+        returns how many moved. The hashing runs outside the lock; the lock is taken per
+        batch, so reads are never held up for long."""
+        self._reclassify_due.clear()
+        with self._lock:
+            pages = [bytes(p) for p in self._policy.pages()]
+        moved = 0
+        for start in range(0, len(pages), batch):
+            if self._stop.is_set():
+                break
+            part = [(pid, self._owned(pid)) for pid in pages[start:start + batch]]
+            with self._lock:
+                moved += self._policy.reclassify(part)
+        if moved:
+            log.info("page cache: the member list changed; %d pages changed owner class",
+                     moved)
+            self._metrics.inc("cache_pages_reclassified_total", moved)
+        return moved
 
     def reconcile(self) -> int:
         """Remove page files that no index entry or fetch owns (crash leftovers). Returns how
@@ -365,6 +499,7 @@ class PageCache:
         waits: dict[int, Future] = {}
         claimed: list[tuple[int, Future]] = []
         ahead: list[tuple[int, Future]] = []
+        joined: list[bytes] = []  # pages someone else is fetching: maybe less urgently
         with self._lock:
             for index, pid in zip(span, ids):
                 fut = self._inflight.get(pid)
@@ -375,12 +510,16 @@ class PageCache:
                     else:
                         fut = self._inflight[pid] = Future()
                         claimed.append((index, fut))
+                elif fut is not None:
+                    joined.append(pid)
                 if fut is not None:
                     waits[index] = fut
             if stream is not None and window > len(span):
                 ahead = self._claim_readahead_locked(version, span, window, stream)
         if claimed:
             self._start_fetches(version, claimed)
+        if joined:
+            self._promote(joined, Priority.DEMAND)
         self._start_readahead(version, ahead)
         pieces = [self._page_bytes(version, index, pid, lo, hi, waits.get(index))
                   for index, pid, lo, hi in _page_pieces(version, span, ids, offset, size)]
@@ -423,7 +562,21 @@ class PageCache:
     def _start_readahead(self, version: ObjectVersion, ahead: list[tuple[int, Future]]) -> None:
         if ahead:
             self._metrics.inc("readahead_pages_total", len(ahead))
-            self._start_fetches(version, ahead, prefetch=True)
+            self._start_fetches(version, ahead, prefetch=True, priority=Priority.READAHEAD)
+
+    def _promote(self, pids: list[bytes], priority: Priority) -> None:
+        """Make the runs fetching ``pids`` at least as urgent as ``priority`` (any thread)."""
+        with self._tickets_lock:
+            tickets = {id(t): t for pid in pids
+                       if (t := self._tickets.get(pid)) is not None and t.priority > priority}
+        if tickets:
+            def promote() -> None:
+                for ticket in tickets.values():
+                    PriorityGate.promote(ticket, priority)
+            try:
+                self._loop.loop.call_soon_threadsafe(promote)
+            except RuntimeError:  # the loop is closed: shutting down
+                pass
 
     def _claim_readahead_locked(self, version: ObjectVersion, span: range, window: int,
                                 stream: ReadStream) -> list[tuple[int, Future]]:
@@ -470,19 +623,160 @@ class PageCache:
             self._start_fetches(version, [(index, fut)])
         return fut
 
+    # ---- serving peers, preloading -------------------------------------------------------
+
+    def claim_for_peer(self, version: ObjectVersion, run: range,
+                       priority: Priority = Priority.DEMAND) -> tuple[list[ServedPage], int]:
+        """BLOCKS (opens page files): call in an executor, never on the loop.
+
+        The pages of ``run`` for a peer's request: READY pages as open page files (served
+        is used: they are touched), the others as futures: pages already in flight are
+        joined (their runs promoted to ``priority``), missing ones are claimed here and
+        fetched **from the origin only** (an owner never forwards). Returns the pages and
+        the number of origin fetches started. Every returned file must be given back
+        (``give_back``) whatever happens next."""
+        served: list[ServedPage] = []
+        claimed: list[tuple[int, Future]] = []
+        joined: list[bytes] = []
+        ready: list[ServedPage] = []
+        with self._lock:
+            for index in run:
+                pid = page_id(version, index)
+                page = ServedPage(index, version.page_length(index))
+                served.append(page)
+                fut = self._inflight.get(pid)
+                if fut is None and pid in self._policy:
+                    ready.append(page)
+                    self._policy.touch(pid)
+                    self._seq += 1
+                    self._touched[pid] = self._seq
+                    continue
+                if fut is None:
+                    fut = self._unkept.get(pid)
+                    if fut is None:
+                        fut = self._inflight[pid] = Future()
+                        claimed.append((index, fut))
+                else:
+                    joined.append(pid)
+                page.future = fut
+        for page in ready:  # open outside the lock; a file that is gone or short is a miss
+            pid = page_id(version, page.index)
+            reason = None
+            try:
+                entry = self._files.borrow(pid, self._path(pid))
+            except FileNotFoundError:
+                reason = "missing"
+            except OSError as exc:
+                self._disk_error("open", exc)
+                reason = "unreadable"
+            else:
+                try:
+                    size = os.fstat(entry.fd).st_size
+                except OSError:
+                    size = -1
+                if size == HEADER_SIZE + page.length:
+                    page.file = entry
+                    continue
+                self._files.give_back(entry)
+                self._metrics.inc("cache_corrupt_pages_total")
+                reason = "corrupt"
+            self._forget(pid, reason)
+            with self._lock:
+                fut = self._inflight.get(pid)
+                if fut is None:
+                    fut = self._inflight[pid] = Future()
+                    claimed.append((page.index, fut))
+            page.future = fut
+        fetches = self._start_fetches(version, claimed, priority=priority,
+                                      origin_only=True) if claimed else 0
+        if joined:
+            self._promote(joined, priority)
+        return served, fetches
+
+    async def pages_for_peer(self, version: ObjectVersion, run: range, priority: Priority,
+                             executor: concurrent.futures.Executor
+                             ) -> tuple[list[ServedPage], int]:
+        """The event-loop side of ``claim_for_peer``: claims in ``executor``, then waits for
+        the pages being fetched without blocking the loop. Raises what their fetch raised
+        (``StaleObject``, ``OriginError``...) or ``asyncio.TimeoutError``, having given the
+        files back; on success the caller gives them back once sent."""
+        loop = asyncio.get_running_loop()
+        served, fetches = await loop.run_in_executor(executor, self.claim_for_peer, version,
+                                                     run, priority)
+        try:
+            for page in served:
+                if page.future is not None:
+                    page.data = await _shared_result(page.future, self._fetch_timeout_s)
+                    page.future = None
+        except BaseException:
+            for page in served:
+                self.give_back(page)
+            raise
+        return served, fetches
+
+    def give_back(self, page: ServedPage) -> None:
+        """Return the page file a ``ServedPage`` borrowed (idempotent; any thread)."""
+        entry, page.file = page.file, None
+        if entry is not None:
+            self._files.give_back(entry)
+
+    def check_page(self, version: ObjectVersion, index: int) -> bool:
+        """BLOCKS. Verify a READY page whole (a peer found it corrupt); one that does not
+        verify is forgotten (MISSING). True if it verified or is not READY."""
+        pid = page_id(version, index)
+        with self._lock:
+            if pid in self._inflight or pid not in self._policy:
+                return True
+        self._headers.pop(pid, None)  # verify the header on disk too, not the one in memory
+        return self._read_ready(version, index, pid, 0, version.page_length(index),
+                                account=False) is not None
+
+    def fetch_pages(self, version: ObjectVersion, pages: range,
+                    priority: Priority = Priority.PRELOAD) -> list[Future]:
+        """Get ``pages`` of ``version`` into the cache without reading them (preload; any
+        thread, never blocks). READY pages are left alone; returns the futures of the
+        others (claimed now, or already in flight and promoted to ``priority``). A page
+        fetched this way comes from its owner like any other (``origin_only`` is for
+        answering peers)."""
+        pages = range(max(0, pages.start), min(pages.stop, version.page_count()))
+        claimed: list[tuple[int, Future]] = []
+        joined: list[bytes] = []
+        futures: list[Future] = []
+        with self._lock:
+            for index in pages:
+                pid = page_id(version, index)
+                fut = self._inflight.get(pid)
+                if fut is None:
+                    if pid in self._policy:
+                        continue
+                    fut = self._inflight[pid] = Future()
+                    claimed.append((index, fut))
+                else:
+                    joined.append(pid)
+                futures.append(fut)
+        if claimed:  # readahead's pages are "prefetched" (no hit when read); preload's are hits
+            self._start_fetches(version, claimed, prefetch=priority is Priority.READAHEAD,
+                                priority=priority)
+        if joined:
+            self._promote(joined, priority)
+        return futures
+
     def _read_ready(self, version: ObjectVersion, index: int, pid: bytes, lo: int,
-                    hi: int, nowait: bool = False) -> bytes | None:
+                    hi: int, nowait: bool = False, account: bool = True) -> bytes | None:
         """A READY page's bytes [lo, hi), verified; None if it must be refetched. With
-        ``nowait``, raises ``_WouldBlock`` where reading would wait for the disk."""
+        ``nowait``, raises ``_WouldBlock`` where reading would wait for the disk. Without
+        ``account`` the read is not a use (no touch, no read counters)."""
         path = self._path(pid)
         try:
-            file = self._files.borrow(pid, path)
+            file = self._files.borrow(pid, path, open_file=not nowait)
         except FileNotFoundError:
             self._forget(pid, "missing")
             return None
         except OSError as exc:
             self._disk_error("open", exc)
             return None
+        if file is None:  # not open: opening may wait for the disk
+            raise _WouldBlock
         fd = file.fd
         try:
             header = self._headers.get(pid)
@@ -514,6 +808,8 @@ class PageCache:
             return None
         finally:
             self._files.give_back(file)
+        if not account:
+            return data
         with self._lock:
             self._policy.touch(pid)
             self._seq += 1
@@ -564,20 +860,50 @@ class PageCache:
     # ---- fetching (event loop) -------------------------------------------------------------
 
     def _start_fetches(self, version: ObjectVersion, claimed: list[tuple[int, Future]],
-                       prefetch: bool = False) -> None:
+                       prefetch: bool = False, priority: Priority = Priority.DEMAND,
+                       origin_only: bool = False) -> int:
+        """Fetch the claimed pages in coalesced runs (cut at extents in a cluster); returns
+        how many runs were started."""
         futures = dict(claimed)
-        for run in coalesce(sorted(futures), self._request_pages):
+        indexes = sorted(futures)
+        if self._extent_pages:  # whole extents where possible: one GET at the owner each
+            runs = [part for run in coalesce(indexes, len(indexes))
+                    for piece in split_at_extents(run, self._extent_pages)
+                    for part in coalesce(list(piece), self._request_pages)]
+        else:
+            runs = list(coalesce(indexes, self._request_pages))
+        for run in runs:
+            ticket = Ticket(priority)
+            with self._tickets_lock:
+                for index in run:
+                    self._tickets[page_id(version, index)] = ticket
             self._loop.submit(self._fetch_run(version, run, [futures[i] for i in run],
-                                              prefetch))
+                                              prefetch, ticket, origin_only))
+        return len(runs)
 
     async def _fetch_run(self, version: ObjectVersion, run: range, futures: list[Future],
-                         prefetch: bool = False) -> None:
+                         prefetch: bool = False, ticket: Ticket | None = None,
+                         origin_only: bool = False) -> None:
         """Fetch a run, hand the bytes to the waiters, then store them. The run holds its
         fetch slot until stored, so the bytes in memory are bounded by ``parallelism`` runs
-        even when readers outpace the cache disk."""
-        async with self._fetch_limit:
+        (per gate) even when readers outpace the cache disk."""
+        ticket = ticket or Ticket(Priority.DEMAND)
+        gate: PriorityGate | None = None
+        try:
             try:
-                data = await self._sources.fetch(version, run)
+                data = None
+                if (not origin_only and self._peer_gate is not None
+                        and self._sources.wants_cache(version, run)):
+                    await self._peer_gate.acquire(ticket)
+                    gate = self._peer_gate
+                    data = await self._sources.fetch_cached(version, run, ticket.priority)
+                    if data is None:  # a miss: trade the peer slot for an origin slot
+                        gate = None
+                        self._peer_gate.release(ticket)
+                if data is None:
+                    await self._gate.acquire(ticket)
+                    gate = self._gate
+                    data = await self._sources.fetch_origin(version, run)
                 expected = min(run.stop * PAGE_SIZE, version.size) - run.start * PAGE_SIZE
                 if len(data) != expected:
                     raise OriginError(f"short read of {version.key}: {len(data)} of "
@@ -607,6 +933,14 @@ class PageCache:
                 with self._lock:
                     for index in run:
                         self._inflight.pop(page_id(version, index), None)
+        finally:
+            if gate is not None:
+                gate.release(ticket)
+            with self._tickets_lock:
+                for index in run:
+                    pid = page_id(version, index)
+                    if self._tickets.get(pid) is ticket:
+                        del self._tickets[pid]
 
     # ---- storing (writer threads) ----------------------------------------------------------
 
@@ -614,10 +948,12 @@ class PageCache:
                  prefetch: bool = False) -> None:
         """Store a fetched run: admit, write, then commit. Runs on a writer thread.
 
-        The commit (index entry, INFLIGHT -> READY) happens under ``_lock`` and only for pages
-        the policy still holds: another writer may have evicted a page of this run (even one
-        admitted moments ago in this same loop) while its file was being written; such a
-        file is deleted here, so files, index and policy agree.
+        The index entries are committed outside ``_lock`` (an LMDB commit can wait for the
+        disk and for the maintenance thread's transaction, and the hit path takes
+        ``_lock``); then, under ``_lock``, the pages the policy still holds go INFLIGHT ->
+        READY. Another writer may have evicted a page of this run (even one admitted moments
+        ago in this same loop) while its file was written or indexed: its file and index
+        entry are deleted here, so files, index and policy agree.
         """
         written: list[tuple[bytes, int]] = []
         settled: list[bytes] = []
@@ -625,8 +961,10 @@ class PageCache:
             for index, page in zip(run, pages):
                 pid = page_id(version, index)
                 size = HEADER_SIZE + len(page)
+                owned = self._owned(pid)
+                self._resample_free()
                 with self._lock:
-                    admitted, victims = self._admit_locked(pid, size)
+                    admitted, victims = self._admit_locked(pid, size, owned)
                 if victims:
                     self._remove_pages(victims)
                 if not admitted:
@@ -645,19 +983,25 @@ class PageCache:
                     continue
                 written.append((pid, size))
         finally:
-            committed = 0
             with self._lock:
-                kept = [(pid, size) for pid, size in written if pid in self._policy]
-                if kept:
-                    self._seq += 1
-                    try:
-                        self._index.put((pid, size, self._seq) for pid, size in kept)
-                        committed = len(kept)
-                    except lmdb.Error as exc:
-                        self._disk_error("index", exc)
-                        for pid, _ in kept:
-                            self._policy.remove(pid)
-                        kept = []
+                indexed = [(pid, size) for pid, size in written if pid in self._policy]
+                self._seq += 1
+                seq = self._seq
+            index_failed = False
+            if indexed:
+                try:
+                    self._index.put((pid, size, seq) for pid, size in indexed)
+                except lmdb.Error as exc:
+                    self._disk_error("index", exc)
+                    index_failed = True
+            with self._lock:
+                if index_failed:
+                    for pid, _ in indexed:
+                        self._policy.remove(pid)
+                    kept = []
+                else:
+                    kept = [(pid, size) for pid, size in indexed if pid in self._policy]
+                committed = len(kept)
                 if prefetch:
                     for pid, size in kept:
                         self._prefetched[pid] = size - HEADER_SIZE
@@ -674,22 +1018,25 @@ class PageCache:
                 for pid, _ in written:
                     self._inflight.pop(pid, None)
             kept_ids = {pid for pid, _ in kept}
+            evicted = [pid for pid, _ in indexed if pid not in kept_ids]
+            if evicted and not index_failed:  # evicted while being indexed: entry goes too
+                try:
+                    self._index.delete(evicted)
+                except lmdb.Error as exc:
+                    self._disk_error("index", exc)
             for pid, _ in written:
                 if pid not in kept_ids:  # evicted while being written: its file must go
                     _unlink_quietly(self._path(pid))
             if committed:
                 self._metrics.inc("cache_stored_pages_total", committed)
 
-    def _admit_locked(self, pid: bytes, size: int) -> tuple[bool, list[bytes]]:
+    def _admit_locked(self, pid: bytes, size: int,
+                      owned: bool = True) -> tuple[bool, list[bytes]]:
         """Ask the policy to admit a page; returns (admitted, pages to evict first)."""
-        now = self._clock()
-        if now - self._free_sampled_at >= 1.0:
-            self._free_estimate = self._sample_free()
-            self._free_sampled_at = now
         # The free-space floor can lower the effective capacity, never raise it.
         room = self._policy.used_bytes + self._free_estimate - self.free_floor_bytes
         victims = list(self._policy.resize(max(0, min(self.capacity_bytes, room))))
-        admitted = self._policy.admit(pid, size)
+        admitted = self._policy.admit(pid, size, owned)
         self._policy.capacity_bytes = self.capacity_bytes
         if admitted is not None:
             victims += admitted
@@ -698,15 +1045,26 @@ class PageCache:
         self._free_estimate += len(victims) * (HEADER_SIZE + PAGE_SIZE)
         return admitted is not None, [bytes(v) for v in victims]
 
+    def _resample_free(self) -> None:
+        """Refresh the free-space estimate once a second, with ``statvfs`` outside ``_lock``
+        (it can wait for the disk)."""
+        now = self._clock()
+        if now - self._free_sampled_at < 1.0:  # racy read: at worst two samples
+            return
+        free = self._sample_free()
+        with self._lock:
+            self._free_estimate = free
+            self._free_sampled_at = now
+
     def _sample_free(self) -> int:
-        """Free bytes on the cache filesystem; 0 (keep nothing) if that cannot be known."""
+        """Free bytes on the cache filesystem; 0 (keep nothing) if that cannot be known.
+        Never called holding ``_lock``."""
         try:
             return self._free_bytes(self._pages_dir)
         except OSError as exc:
             self._metrics.inc("cache_disk_errors_total")
-            if not self._warned_recently_locked("statvfs"):  # resampled every second
-                log.warning("page cache: cannot check free space in %s (%s); keeping no pages "
-                            "until it can", self._pages_dir, exc)
+            self._warn("statvfs", f"page cache: cannot check free space in {self._pages_dir} "
+                       f"({exc}); keeping no pages until it can")
             return 0
 
     def _path(self, pid: bytes) -> str:

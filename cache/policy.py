@@ -10,6 +10,17 @@ test exhaustively and to compare on access traces (tests/unit/test_policy.py).
   evicts every page shortly before the next epoch asks for it (hit ratio near 0 once the dataset
   exceeds the cache), while a fixed subset gives hit ratio ~ cache/dataset on every epoch.
 
+Replica-aware eviction (in a cluster, ARCHITECTURE.md "Peer cache and master"): every page is
+either *owned* by this host (the owner function of ``cache.ring`` names it) or a *copy* of a
+page another member owns, which this host can get back from that owner instead of the origin.
+When space is needed, copies go before owned pages; within each class the order is the
+policy's own (LRU for ``lru``, insertion for ``uniform``). The page cache says which class a
+page is in when it admits or loads it; when the member list changes it moves the pages whose
+owner changed (``reclassify``): a page that became a copy goes first among the copies (the
+cheapest to lose), one that became owned goes last among the owned (this host is now where
+the cluster looks for it). Exact recency across the two classes is not kept over a change.
+Without a cluster every page is owned and the policies are exactly the plain ones.
+
 Memory: one ordered-dict entry per resident page (~150 bytes with its 20-byte id), so a
 1 TiB cache of 1 MiB pages costs ~150 MB of daemon memory.
 """
@@ -18,11 +29,14 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 
 class EvictionPolicy(abc.ABC):
-    """Resident-set bookkeeping. Not thread-safe: the page cache calls it under its lock."""
+    """Resident-set bookkeeping. Not thread-safe: the page cache calls it under its lock.
+
+    Two ordered dicts, page -> size: ``_copies`` (pages owned elsewhere) and ``_owned``;
+    each is in eviction order (first evicted first), and copies go before owned pages."""
 
     name = "?"
 
@@ -31,34 +45,55 @@ class EvictionPolicy(abc.ABC):
             raise ValueError("capacity must be >= 0")
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
-        self._sizes: OrderedDict[Hashable, int] = OrderedDict()
+        self._owned: OrderedDict[Hashable, int] = OrderedDict()
+        self._copies: OrderedDict[Hashable, int] = OrderedDict()
 
     def __contains__(self, page: Hashable) -> bool:
-        return page in self._sizes
+        return page in self._owned or page in self._copies
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._owned) + len(self._copies)
+
+    @property
+    def copies(self) -> int:
+        """How many resident pages are copies of pages owned elsewhere."""
+        return len(self._copies)
+
+    def is_copy(self, page: Hashable) -> bool:
+        return page in self._copies
 
     def pages(self) -> list[Hashable]:
         """Resident pages, first evicted first."""
-        return list(self._sizes)
+        return [*self._copies, *self._owned]
+
+    def sizes(self) -> dict[Hashable, int]:
+        """Resident page -> its size."""
+        return {**self._copies, **self._owned}
 
     def remove(self, page: Hashable) -> bool:
-        size = self._sizes.pop(page, None)
+        size = self._owned.pop(page, None)
         if size is None:
-            return False
+            size = self._copies.pop(page, None)
+            if size is None:
+                return False
         self.used_bytes -= size
         return True
 
-    def _insert(self, page: Hashable, size: int) -> None:
+    def _insert(self, page: Hashable, size: int, owned: bool = True) -> None:
         self.remove(page)
-        self._sizes[page] = size
+        (self._owned if owned else self._copies)[page] = size
         self.used_bytes += size
 
     def _pop_first(self) -> Hashable:
-        page, size = self._sizes.popitem(last=False)
+        page, size = (self._copies or self._owned).popitem(last=False)
         self.used_bytes -= size
         return page
+
+    def _move_to_end(self, page: Hashable) -> None:
+        if page in self._owned:
+            self._owned.move_to_end(page)
+        elif page in self._copies:
+            self._copies.move_to_end(page)
 
     def resize(self, capacity_bytes: int) -> list[Hashable]:
         """Set the capacity; return the pages evicted to fit it (in eviction order)."""
@@ -68,13 +103,32 @@ class EvictionPolicy(abc.ABC):
             victims.append(self._pop_first())
         return victims
 
-    def load(self, page: Hashable, size: int) -> list[Hashable]:
+    def load(self, page: Hashable, size: int, owned: bool = True) -> list[Hashable]:
         """Restore a page found on disk at start-up (call in least- to most-recent order)."""
-        self._insert(page, size)
+        self._insert(page, size, owned)
         return self.resize(self.capacity_bytes)
 
+    def reclassify(self, changes: Iterable[tuple[Hashable, bool]]) -> int:
+        """Apply (page, owned) after a membership change; returns how many pages moved.
+        A page that became a copy goes first among the copies, one that became owned last
+        among the owned; pages not resident are ignored."""
+        new_copies: list[tuple[Hashable, int]] = []
+        moved = 0
+        for page, owned in changes:
+            if owned and page in self._copies:
+                self._owned[page] = self._copies.pop(page)
+                moved += 1
+            elif not owned and page in self._owned:
+                new_copies.append((page, self._owned.pop(page)))
+                moved += 1
+        if new_copies:
+            rest = self._copies
+            self._copies = OrderedDict(new_copies)
+            self._copies.update(rest)
+        return moved
+
     @abc.abstractmethod
-    def admit(self, page: Hashable, size: int) -> list[Hashable] | None:
+    def admit(self, page: Hashable, size: int, owned: bool = True) -> list[Hashable] | None:
         """Make ``page`` resident. Returns the victims to evict first, or None if refused."""
 
     @abc.abstractmethod
@@ -85,32 +139,32 @@ class EvictionPolicy(abc.ABC):
 class LruPolicy(EvictionPolicy):
     name = "lru"
 
-    def admit(self, page: Hashable, size: int) -> list[Hashable] | None:
+    def admit(self, page: Hashable, size: int, owned: bool = True) -> list[Hashable] | None:
         if size > self.capacity_bytes:
             return None
         self.remove(page)
         victims = []
         while self.used_bytes + size > self.capacity_bytes:
             victims.append(self._pop_first())
-        self._insert(page, size)
+        self._insert(page, size, owned)
         return victims
 
     def touch(self, page: Hashable) -> None:
-        if page in self._sizes:
-            self._sizes.move_to_end(page)
+        self._move_to_end(page)
 
 
 class UniformPolicy(EvictionPolicy):
-    """Admit until full, then hold the resident set (only ``resize`` ever evicts)."""
+    """Admit until full, then hold the resident set (only ``resize`` ever evicts, copies
+    first)."""
 
     name = "uniform"
 
-    def admit(self, page: Hashable, size: int) -> list[Hashable] | None:
-        if page in self._sizes:
+    def admit(self, page: Hashable, size: int, owned: bool = True) -> list[Hashable] | None:
+        if page in self:
             return []
         if self.used_bytes + size > self.capacity_bytes:
             return None
-        self._insert(page, size)
+        self._insert(page, size, owned)
         return []
 
     def touch(self, page: Hashable) -> None:

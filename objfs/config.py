@@ -17,6 +17,9 @@ from pathlib import Path
 from objfs.errors import ConfigError
 
 MiB = 1024 * 1024
+OBJECT_METADATA_MODES = ("off", "small", "all")
+# --object-metadata small: objects up to this size (a symlink's target is at most 4095 bytes).
+SMALL_OBJECT_BYTES = 4096
 
 # S3 bucket names (AWS rules, slightly relaxed: S3-compatible stores allow '_' and capitals).
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -62,11 +65,32 @@ def parse_size(value: str | int, flag: str) -> int:
 
 
 def parse_host_port(value: str, flag: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
+    host, sep, port = value.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c.isspace() or c in "/?#@," for c in host):
         raise ConfigError(f"{flag}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9567)")
     return host, int(port)
+
+
+def member_id(host: str, port: int) -> str:
+    """The id a cluster member is known by (hashed by the owner function: every member must
+    spell an address the same way): ``HOST:PORT``, ``[V6ADDR]:PORT``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_WILDCARDS = ("0.0.0.0", "::", "*")
+
+
+def parse_rate(value: str, flag: str) -> int:
+    """'200M', '1G/s', '50MiB/s' -> bytes per second (binary units, like sizes)."""
+    text = value.strip()
+    if text.lower().endswith("/s"):
+        text = text[:-2]
+    rate = parse_size(text, flag)
+    if rate <= 0:
+        raise ConfigError(f"{flag}: must be a positive rate like 200M (bytes/s), got {value!r}")
+    return rate
 
 
 def _parse_mode(value: str | int, flag: str) -> int:
@@ -145,7 +169,10 @@ class MountConfig:
     foreground: bool = False
     read_only: bool = False
     ttl_s: float = 300.0
-    attr_timeout_s: float = 1.0
+    # How long the kernel may cache names and attributes. The tree changes only when this host
+    # changes it (the kernel sees those) or a relist does (which tells the kernel what changed,
+    # see Filesystem.entries_removed/attrs_changed), so by default it is the TTL.
+    attr_timeout_s: float = 300.0
     allow_other: bool = False
     uid: int = dataclasses.field(default_factory=os.getuid)
     gid: int = dataclasses.field(default_factory=os.getgid)
@@ -159,6 +186,7 @@ class MountConfig:
     cache_size_bytes: int = 10 * 1024 * MiB  # page files on disk, headers included
     cache_free_floor_bytes: int = 1024 * MiB  # keep this much free on the cache filesystem
     cache_policy: str = "lru"
+    object_metadata: str = "off"       # off | small | all: HEAD objects for mode/owner/symlink
     metrics_addr: tuple[str, int] | None = None  # serve Prometheus /metrics here
     write_buffer_bytes: int = 512 * MiB  # global budget of write buffers (all open files)
     upload_concurrency: int = 8        # parts of one file in flight
@@ -166,6 +194,18 @@ class MountConfig:
     rename_dir_limit: int = 10_000     # objects a directory rename may copy (else EXDEV)
     log_level: str = "INFO"
     log_file: Path | None = None
+    # The peer cache (README "Peer cache"): all None/empty without --peer-listen.
+    peer_listen: tuple[str, int] | None = None
+    peer_id: str | None = None           # --peer-advertise, or the listen address
+    peers: tuple[str, ...] = ()          # member ids from --peers (may include peer_id)
+    cluster_secret_file: Path | None = None
+    cluster_secret: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    peer_serve_limit_bytes: int | None = None   # bytes/s served to peers
+    origin_read_limit_bytes: int | None = None  # bytes/s of ranged GETs
+
+    @property
+    def cluster(self) -> bool:
+        return self.peer_listen is not None
 
     @classmethod
     def create(cls, *, url: str, mountpoint: str, endpoint: str | None = None,
@@ -176,6 +216,9 @@ class MountConfig:
                cache_free_floor: str | None = None, readahead: str | None = None,
                read_request_size: str | None = None, metrics_addr: str | None = None,
                write_buffer: str | None = None, part_size: str | None = None,
+               peer_listen: str | None = None, peers: str | list[str] | None = None,
+               cluster_secret_file: str | None = None, peer_advertise: str | None = None,
+               peer_serve_limit: str | None = None, origin_read_limit: str | None = None,
                **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
@@ -195,6 +238,9 @@ class MountConfig:
             if not 0 < ttl < math.inf:  # also rejects nan, which compares false with anything
                 raise ConfigError(f"--ttl: must be positive seconds, got {ttl}")
             kwargs["ttl_s"] = float(ttl)
+        if kwargs.get("attr_timeout_s") is None:
+            kwargs.pop("attr_timeout_s", None)
+            kwargs["attr_timeout_s"] = float(kwargs.get("ttl_s", cls.ttl_s))
         for name, value in (("uid", uid), ("gid", gid)):
             if value is not None:
                 if value < 0:
@@ -212,6 +258,11 @@ class MountConfig:
                 kwargs[field] = parse_size(value, flag)
         if metrics_addr is not None:
             kwargs["metrics_addr"] = parse_host_port(metrics_addr, "--metrics-addr")
+        kwargs.update(_cluster_settings(peer_listen, peers, cluster_secret_file, peer_advertise,
+                                        peer_serve_limit))
+        if origin_read_limit is not None:
+            kwargs["origin_read_limit_bytes"] = parse_rate(origin_read_limit,
+                                                           "--origin-read-limit")
         if file_mode is not None:
             kwargs["file_mode"] = _parse_mode(file_mode, "--file-mode")
         if dir_mode is not None:
@@ -231,6 +282,9 @@ class MountConfig:
             raise ConfigError("--read-request-size must be a positive multiple of 1 MiB")
         if self.readahead_bytes < MiB or self.readahead_bytes % MiB:
             raise ConfigError("--readahead must be a positive multiple of 1 MiB")
+        if self.object_metadata not in OBJECT_METADATA_MODES:
+            raise ConfigError(f"--object-metadata: unknown mode {self.object_metadata!r} "
+                              f"(choose {', '.join(OBJECT_METADATA_MODES)})")
         if self.cache_policy not in ("lru", "uniform"):
             raise ConfigError(f"--cache-policy: unknown policy {self.cache_policy!r} "
                               "(choose lru or uniform)")
@@ -246,3 +300,55 @@ class MountConfig:
             raise ConfigError("--cache-size and --cache-free-floor must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level: unknown level {self.log_level!r}")
+
+
+def _cluster_settings(peer_listen: str | None, peers: str | list[str] | None,
+                      secret_file: str | None, advertise: str | None,
+                      serve_limit: str | None) -> dict[str, object]:
+    """Validate the peer-cache flags together; reads and checks the secret file."""
+    from objfs.cluster import load_cluster_secret
+
+    peer_list = [peers] if isinstance(peers, str) else list(peers or [])
+    items = [p.strip() for chunk in peer_list for p in chunk.split(",")]
+    if peer_list and not any(items):
+        raise ConfigError("--peers: empty list (expected HOST:PORT,HOST:PORT,...)")
+    if peer_listen is None:
+        for flag, value in (("--peers", peers), ("--cluster-secret-file", secret_file),
+                            ("--peer-advertise", advertise),
+                            ("--peer-serve-limit", serve_limit)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --peer-listen HOST:PORT (this host's "
+                                  "peer-cache address)")
+        return {}
+    if secret_file is None:
+        raise ConfigError("--peer-listen needs --cluster-secret-file FILE (the secret every "
+                          "member of the cluster shares)")
+    listen = parse_host_port(peer_listen, "--peer-listen")
+    if advertise is not None:
+        host, port = parse_host_port(advertise, "--peer-advertise")
+        if host in _WILDCARDS:
+            raise ConfigError(f"--peer-advertise: {advertise!r} is a wildcard address; give "
+                              "the address the other members reach this host at")
+        self_id = member_id(host, port)
+    elif listen[0] in _WILDCARDS:
+        raise ConfigError(f"--peer-listen {peer_listen} listens on every address: add "
+                          "--peer-advertise HOST:PORT (the address the other members use)")
+    else:
+        self_id = member_id(*listen)
+    members = []
+    for item in items:
+        if not item:
+            raise ConfigError(f"--peers: empty entry in {','.join(peer_list)!r}")
+        host, port = parse_host_port(item, "--peers")
+        if host in _WILDCARDS:
+            raise ConfigError(f"--peers: {item!r} is a wildcard address")
+        members.append(member_id(host, port))
+    secret_path = Path(os.path.abspath(Path(secret_file).expanduser()))
+    settings: dict[str, object] = {
+        "peer_listen": listen, "peer_id": self_id, "peers": tuple(dict.fromkeys(members)),
+        "cluster_secret_file": secret_path,
+        "cluster_secret": load_cluster_secret(secret_path),
+    }
+    if serve_limit is not None:
+        settings["peer_serve_limit_bytes"] = parse_rate(serve_limit, "--peer-serve-limit")
+    return settings

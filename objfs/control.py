@@ -6,6 +6,9 @@ Prometheus (``/metrics`` only there: commands never listen on TCP).
 
     GET  /stats                 {"mount": {...}, "time": t, "metrics": {name: value}}
     GET  /metrics               Prometheus text format, every metric labelled with the mount
+                                (peer-cache counters also per peer address: label ``peer``)
+    GET  /peers                 the cluster as this daemon sees it (``cache.peer``), or
+                                {"cluster": false}
     POST /refresh?path=REL      relist PREFIX/REL now (the whole mount without path)
     POST /cache/drop?path=REL   remove the cached pages of a file, or of every file under a dir
 
@@ -22,7 +25,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +41,26 @@ _PROM_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def prometheus_text(metrics: dict[str, float], labels: dict[str, str],
-                    gauges: frozenset[str] = frozenset()) -> str:
+                    gauges: frozenset[str] = frozenset(),
+                    labeled: Mapping[str, Mapping[tuple[tuple[str, str], ...], float]]
+                    | None = None) -> str:
     """Metrics named as counters (``_total``, ``_bytes``, ``_s``) are counters unless listed
-    in ``gauges`` (sampled gauges and up/down counts); everything else is a gauge."""
-    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+    in ``gauges`` (sampled gauges and up/down counts); everything else is a gauge.
+
+    ``labeled`` (``Metrics.labeled``) adds series with labels of their own (e.g. ``peer``)
+    on top of ``labels``; a name that has labelled series is shown only as those (its
+    plain total is their sum), so ``sum()`` over a metric never counts a byte twice."""
+    labeled = labeled or {}
     lines = []
-    for name in sorted(metrics):
-        value = metrics[name]
-        if not isinstance(value, (int, float)) or math.isnan(value):
+    for name in sorted(set(metrics) | set(labeled)):
+        if name in labeled:
+            series = [({**labels, **dict(extra)}, value)
+                      for extra, value in sorted(labeled[name].items())]
+        else:
+            series = [(labels, metrics[name])]
+        series = [(lbl, v) for lbl, v in series
+                  if isinstance(v, (int, float)) and not math.isnan(v)]
+        if not series:
             continue
         prom = "objfs_" + _PROM_NAME.sub("_", name)
         kind = "counter" if name.endswith(("_total", "_bytes", "_s")) and \
@@ -53,7 +68,9 @@ def prometheus_text(metrics: dict[str, float], labels: dict[str, str],
         if kind == "counter" and not prom.endswith("_total"):
             prom += "_total"  # OpenMetrics wants counters to end in _total
         lines.append(f"# TYPE {prom} {kind}")
-        lines.append(f"{prom}{{{label_text}}} {float(value)!r}")
+        for lbl, value in series:
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(lbl.items()))
+            lines.append(f"{prom}{{{label_text}}} {float(value)!r}")
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +84,8 @@ class ControlServer:
     def __init__(self, *, loop: Any, metrics: Metrics, info: dict[str, Any],
                  socket_path: Path, refresh: Callable[[str], dict[str, Any]],
                  drop: Callable[[str], dict[str, Any]],
-                 metrics_addr: tuple[str, int] | None = None) -> None:
+                 metrics_addr: tuple[str, int] | None = None,
+                 peers: Callable[[], dict[str, Any]] | None = None) -> None:
         self._loop = loop  # objfs.loop.EventLoopThread
         self._metrics = metrics
         self._info = info
@@ -75,6 +93,7 @@ class ControlServer:
         self._refresh = refresh
         self._drop = drop
         self._metrics_addr = metrics_addr
+        self._peers = peers
         self._runner: web.AppRunner | None = None
         self._prom_runner: web.AppRunner | None = None
 
@@ -95,6 +114,7 @@ class ControlServer:
         app = web.Application()
         app.router.add_get("/stats", self._stats)
         app.router.add_get("/metrics", self._prometheus)
+        app.router.add_get("/peers", self._peer_list)
         app.router.add_post("/refresh", self._command(self._refresh))
         app.router.add_post("/cache/drop", self._command(self._drop))
         self._runner = web.AppRunner(app, access_log=None)
@@ -139,9 +159,14 @@ class ControlServer:
     async def _prometheus(self, request: web.Request) -> web.Response:
         text = prometheus_text(self._metrics.snapshot(),
                                {"mount": str(self._info.get("mountpoint", ""))},
-                               self._metrics.gauge_names())
+                               self._metrics.gauge_names(), self._metrics.labeled())
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
+
+    async def _peer_list(self, request: web.Request) -> web.Response:
+        if self._peers is None:
+            return web.json_response({"cluster": False})
+        return web.json_response({"cluster": True, **self._peers()})
 
     def _command(self, fn: Callable[[str], dict[str, Any]]) -> Any:
         async def handler(request: web.Request) -> web.Response:

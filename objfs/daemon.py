@@ -7,6 +7,11 @@ start the event loop, prove the origin is reachable with these credentials, open
 the metadata tree, mount, report readiness through ``ready``, and serve until unmounted or
 signalled (SIGTERM/SIGINT/SIGHUP end the FUSE loop; the mount is then removed).
 
+With ``--peer-listen`` the daemon is a member of a cluster (``cache.peer``): the peer server
+starts on the event loop right after the page cache opens (so a port in use fails the mount
+at once), the peer source goes in front of the origin, and the page cache cuts runs at the
+ring's extents and evicts copies before owned pages.
+
 A cold mount (no complete tree in the cache dir) lists the prefix before it reports ready, so
 the first ``ls`` sees everything. A remount with a complete tree serves at once; the
 ``Refresher`` keeps the tree no older than the TTL in the background.
@@ -28,8 +33,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from objfs.cache.limits import TokenBucket
 from objfs.cache.pagecache import PageCache
+from objfs.cache.peer import PeerService
 from objfs.cache.sources import OriginSource, SourceChain
+from objfs.cluster import StaticMembership
 from objfs.config import MiB, MountConfig
 from objfs.control import SOCKET_NAME, ControlServer
 from objfs.errors import ConfigError, NotFound, ObjfsError
@@ -189,17 +197,16 @@ def setup_logging(config: MountConfig, to_stderr: bool) -> Path:
 
 
 class Refresher:
-    """Keeps the tree no older than the TTL: a background thread that relists the prefix."""
+    """Keeps the tree no older than the TTL: a background thread that relists the prefix and
+    tells ``fs`` what changed (versions, removed names, attributes), so the kernel's caches,
+    which may keep names and attributes for the TTL, follow."""
 
-    def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float,
-                 on_changed: Callable[[list[int]], None],
-                 on_changing: Callable[[list[int]], None] | None = None,
+    def __init__(self, tree: MetadataTree, store: ObjectStore, ttl_s: float, fs: Filesystem,
                  clock: Callable[[], float] = time.time) -> None:
         self._tree = tree
         self._store = store
         self._ttl_s = ttl_s
-        self._on_changed = on_changed
-        self._on_changing = on_changing
+        self._fs = fs
         self._clock = clock
         self._stop = threading.Event()
         self._retry_at: float | None = None  # refresher thread only
@@ -233,8 +240,10 @@ class Refresher:
             yield page
 
     def refresh_now(self, scope: str = "") -> RefreshStats:
-        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=self._on_changed,
-                                   on_changing=self._on_changing)
+        fs = self._fs
+        stats = self._tree.refresh(self._pages(scope), scope=scope, on_changed=fs.changed,
+                                   on_changing=fs.changing, on_removed=fs.entries_removed,
+                                   on_attrs=fs.attrs_changed)
         log.info("refreshed %s: %d objects listed, %d added, %d changed, %d removed, "
                  "%d invalid keys skipped in %.2fs", scope or "/", stats.objects, stats.added,
                  stats.changed, stats.removed, stats.skipped_invalid, stats.duration_s)
@@ -257,23 +266,51 @@ class Refresher:
                 self._retry_at = self._clock() + delay
 
 
+def start_peers(config: MountConfig, metrics: Metrics) -> PeerService | None:
+    """The peer cache's pieces for ``--peer-listen`` (not serving yet), or None."""
+    if not config.cluster:
+        return None
+    assert config.peer_id is not None and config.peer_listen is not None
+    assert config.cluster_secret is not None
+    membership = StaticMembership(config.peer_id, config.peers)
+    serve_limit = TokenBucket(config.peer_serve_limit_bytes) \
+        if config.peer_serve_limit_bytes else None
+    log.info("peer cache: this host is %s, members %s", config.peer_id,
+             ", ".join(membership.ring().members))
+    return PeerService(membership, config.cluster_secret, metrics,
+                       bucket=config.store.bucket, prefix=config.store.prefix,
+                       listen=config.peer_listen, serve_limit=serve_limit)
+
+
 def open_page_cache(config: MountConfig, store: ObjectStore, loop: EventLoopThread,
-                    metrics: Metrics) -> PageCache:
+                    metrics: Metrics, peers: PeerService | None = None) -> PageCache:
+    origin_limit = TokenBucket(config.origin_read_limit_bytes) \
+        if config.origin_read_limit_bytes else None
+    sources: list = [OriginSource(store, limit=origin_limit, metrics=metrics)]
+    extent_pages = owns = None
+    if peers is not None:
+        ring = peers.membership.ring()
+        sources.insert(0, peers.source)
+        extent_pages, owns = ring.extent_pages, ring.owns_page
     try:
-        return PageCache(config.cache_dir / "pages", SourceChain([OriginSource(store)],
-                                                                   metrics=metrics),
-                         loop, metrics=metrics, capacity_bytes=config.cache_size_bytes,
-                         policy=config.cache_policy,
-                         free_floor_bytes=config.cache_free_floor_bytes,
-                         request_pages=config.read_request_bytes // MiB,
-                         parallelism=config.read_parallelism,
-                         max_window_pages=config.readahead_bytes // MiB)
+        cache = PageCache(config.cache_dir / "pages", SourceChain(sources, metrics=metrics),
+                          loop, metrics=metrics, capacity_bytes=config.cache_size_bytes,
+                          policy=config.cache_policy,
+                          free_floor_bytes=config.cache_free_floor_bytes,
+                          request_pages=config.read_request_bytes // MiB,
+                          parallelism=config.read_parallelism,
+                          max_window_pages=config.readahead_bytes // MiB,
+                          extent_pages=extent_pages, owns=owns)
     except OSError as exc:
         raise ConfigError(f"page cache in {config.cache_dir}: {exc.strerror or exc}") from None
+    if peers is not None:
+        peers.membership.subscribe(lambda ring: cache.set_owner_function(ring.owns_page))
+    return cache
 
 
 def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, fs: Filesystem,
-                  refresher: Refresher, url: str) -> ControlServer:
+                  refresher: Refresher, url: str,
+                  peers: PeerService | None = None) -> ControlServer:
     """The control endpoint: stats, refresh and cache-drop commands, Prometheus metrics."""
 
     def refresh(path: str) -> dict[str, object]:
@@ -293,7 +330,8 @@ def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, 
         info={"source": url, "mountpoint": str(config.mountpoint), "pid": os.getpid(),
               "cache_dir": str(config.cache_dir), "cache_policy": config.cache_policy,
               "cache_size_bytes": config.cache_size_bytes},
-        refresh=refresh, drop=fs.drop_cached, metrics_addr=config.metrics_addr)
+        refresh=refresh, drop=fs.drop_cached, metrics_addr=config.metrics_addr,
+        peers=peers.describe if peers is not None else None)
     control.start()
     return control
 
@@ -343,6 +381,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     cache: PageCache | None = None
     refresher: Refresher | None = None
     control: ControlServer | None = None
+    peers: PeerService | None = None
+    peers_started = False
     mounted = False
     try:
         ledger = UploadLedger(config.cache_dir / "uploads", config.store.bucket)
@@ -351,7 +391,11 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
         store.check_access()
         tree = MetadataTree(config.cache_dir / "tree", prefix=config.store.prefix,
                             identity=config.store.identity, metrics=metrics)
-        cache = open_page_cache(config, store, loop, metrics)
+        peers = start_peers(config, metrics)
+        cache = open_page_cache(config, store, loop, metrics, peers)
+        if peers is not None:
+            peers_started = True  # stop() also cleans up a start that failed half-way
+            loop.run(peers.start(cache), timeout=30)
         url = f"s3://{config.store.bucket}/{config.store.prefix}".rstrip("/")
         fs = Filesystem(config, tree, cache, metrics=metrics, store=store, loop=loop, xattrs={
             "user.objfs.pid": str(os.getpid()),
@@ -374,10 +418,10 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             log.info("listed %d objects (%d removed, %d invalid keys skipped) in %.2fs",
                      stats.objects, stats.removed, stats.skipped_invalid,
                      time.monotonic() - started)
-        refresher = Refresher(tree, store, config.ttl_s, fs.changed, fs.changing)
+        refresher = Refresher(tree, store, config.ttl_s, fs)
         refresher.start()
         metrics.gauge("tree_objects", tree.count)
-        control = start_control(config, loop, metrics, fs, refresher, url)
+        control = start_control(config, loop, metrics, fs, refresher, url, peers)
         options = fuse_adapter.mount_options(
             fsname=f"objfs:{config.store.bucket}/{config.store.prefix}".rstrip("/"),
             allow_other=config.allow_other, read_only=config.read_only,
@@ -413,6 +457,11 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             control.stop()
         if refresher is not None:
             refresher.stop()
+        if peers is not None and peers_started:
+            try:
+                loop.run(peers.stop(), timeout=10)
+            except Exception as exc:  # shutting down anyway
+                log.debug("peer cache stop: %s", exc)
         t1 = time.monotonic()
         if store is not None:
             store.close()

@@ -18,13 +18,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import cachetools
 
 from objfs.cache.pagecache import PageCache
 from objfs.cache.pages import PAGE_SIZE, ObjectVersion
 from objfs.cache.readahead import ReadStream
-from objfs.config import MiB, MountConfig
+from objfs.config import SMALL_OBJECT_BYTES, MiB, MountConfig
 from objfs.errors import (InvalidArgument, NotFound, ObjfsError, ReadOnly,
                           StaleObject, from_oserror)
 from objfs.loop import EventLoopThread
@@ -51,6 +52,36 @@ _RENAME_COPY_CONCURRENCY = 16
 def _mtime_text(mtime_ns: int) -> str:
     """Seconds with up to 9 decimals, as s3fs writes ``x-amz-meta-mtime``."""
     return f"{mtime_ns // 10**9}.{mtime_ns % 10**9:09d}".rstrip("0").rstrip(".")
+
+
+def _attrs_from_metadata(metadata: dict[str, str] | Any) -> Attrs:
+    """``x-amz-meta-mode/uid/gid/mtime`` as s3fs (and objfs) write them; what does not parse
+    is left out."""
+    def number(name: str) -> int | None:
+        try:
+            return int(metadata[name])
+        except (KeyError, ValueError):
+            return None
+    mtime = None
+    try:
+        mtime = int(round(float(metadata["mtime"]) * 1e9))
+    except (KeyError, ValueError):
+        pass
+    mode = number("mode")
+    if mode is not None and not 0 <= mode < 1 << 32:
+        mode = None
+    elif mode is not None and stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFLNK):
+        mode = stat.S_IMODE(mode)  # an object is a file or a symlink, nothing else
+    return Attrs(mode=mode, uid=number("uid"), gid=number("gid"), mtime_ns=mtime)
+
+
+def _merge_attrs(base: Attrs, over: Attrs | None) -> Attrs:
+    """``base`` with every field ``over`` sets replacing it (attributes set here win)."""
+    if over is None:
+        return base
+    return Attrs(*(o if o is not None else b for b, o in
+                   zip((base.mode, base.uid, base.gid, base.mtime_ns),
+                       (over.mode, over.uid, over.gid, over.mtime_ns))))
 
 
 def _error(message: str, code: int) -> ObjfsError:
@@ -174,6 +205,9 @@ class Filesystem:
         # last handle closes (``_drop_at_close``). Both guarded by _handles_lock.
         self._orphans: dict[int, tuple[Inode, Attrs | None]] = {}
         self._drop_at_close: dict[int, ObjectVersion] = {}
+        # Write states dropped so far (guarded by _handles_lock): a tree record read while
+        # it did not change is not older than any publish of this host (see _write_state).
+        self._forgotten = 0
         self._next_fh = itertools.count(1)
         # ino -> ETag last opened: a re-open of the same version is served from the kernel's
         # page cache (llfuse replies keep_cache), which the daemon never sees; count those.
@@ -187,6 +221,11 @@ class Filesystem:
         # that one from a handler).
         self.invalidate_inodes: Callable[[list[int]], None] = lambda inos: None
         self.invalidate_inodes_now: Callable[[list[int]], None] = lambda inos: None
+        # ... and names (parent inode, name) and attributes only, done by the time they
+        # return (refresher thread).
+        self.invalidate_entries_now: Callable[[list[tuple[int, bytes]]], None] = \
+            lambda entries: None
+        self.invalidate_attrs_now: Callable[[list[int]], None] = lambda inos: None
 
     # ---- attributes ------------------------------------------------------------------------
 
@@ -208,6 +247,10 @@ class Filesystem:
                 size, mtime = state.size, state.mtime_ns
         if set_here is None:
             set_here = self.tree.attrs(inode.ino)
+        if c.object_metadata != "off" and inode.kind is Kind.FILE and inode.etag:
+            from_object = self._object_attrs(inode)
+            if from_object is not None:
+                set_here = _merge_attrs(from_object, set_here)
         if set_here is not None:
             if set_here.mode is not None:
                 mode = set_here.mode if stat.S_IFMT(set_here.mode) else \
@@ -218,6 +261,30 @@ class Filesystem:
                 mtime = set_here.mtime_ns
         return Attributes(inode.ino, mode, nlink, uid, gid, size, mtime, PAGE_SIZE,
                           c.attr_timeout_s)
+
+    def _object_attrs(self, inode: Inode) -> Attrs | None:
+        """What the object's own metadata says of its mode and owner (``--object-metadata``):
+        one HEAD per version, the first time it is needed, remembered in the tree. A listing
+        carries no metadata, so without this a symlink or a chmod made through another host
+        (or before a fresh cache dir) shows as a plain file with the default mode."""
+        if self.config.object_metadata == "small" and inode.size > SMALL_OBJECT_BYTES:
+            return None
+        known = self.tree.object_attrs(inode)
+        if known is not None:
+            return known
+        if self.store is None or self.loop is None:
+            return None
+        key = self.config.store.prefix + inode.relpath
+        try:
+            meta = self.loop.run(self.store.head_object(key))
+        except ObjfsError as exc:
+            log.debug("no metadata for %s: %s", key, exc)
+            return None
+        self.metrics.inc("tree_object_metadata_fetched_total")
+        attrs = _attrs_from_metadata(meta.metadata) if meta.info.etag == inode.etag else None
+        if attrs is not None:
+            self.tree.set_object_attrs(inode, attrs)
+        return attrs
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
         if len(name) > _NAME_MAX:
@@ -302,6 +369,8 @@ class Filesystem:
         writing = bool(flags & _WRITE_FLAGS)
         while True:
             self._wait_for_change(ino, deadline)
+            with self._handles_lock:
+                forgotten = self._forgotten
             inode = self.tree.get(ino)
             if inode.is_dir:
                 raise _error("is a directory", errno.EISDIR)
@@ -318,9 +387,12 @@ class Filesystem:
                 if write is None and ino in self._changing:
                     continue  # the version read above is being replaced: wait, read again
                 # A read handle of a file whose write state exists (its last writer's
-                # release may still be publishing) follows that state, not the tree record
-                # read above, which the publish may replace at any moment.
+                # release may still be publishing) follows that state, whose outcome is the
+                # version it will read. If a state was dropped since the tree was read, a
+                # publish may have replaced that record: read it again (see _write_state).
                 follow = self._writes.get(ino) if write is None else None
+                if write is None and follow is None and self._forgotten != forgotten:
+                    continue
                 previous = self._opened.get(ino)
                 if write is None and follow is None and previous == inode.etag:
                     self.metrics.inc("read_kernel_cache_reopens_total")
@@ -456,20 +528,31 @@ class Filesystem:
     def _write_state(self, ino: int) -> WriteState:
         """The shared write state of a file (created on first open for writing).
 
-        A new state starts from the tree record read *here*, under the handles lock: the
-        previous state of the file is dropped (``_forget_write``, same lock) only after its
-        publish has updated the tree, so a record read here is never older than the last
-        publish. (Read before the lock, it could be: an open racing the last writer's
-        release would then stage the old version and fail on it with ESTALE.)"""
-        with self._handles_lock:
-            state = self._writes.get(ino)
-            if state is None:
-                inode = self.tree.get(ino)
+        A new state starts from a tree record that no publish of this host postdates: the
+        previous state of a file is dropped (``_forget_write``) only after its publish has
+        updated the tree, and each drop bumps ``_forgotten``; a record read while no state
+        was dropped is current. (Without the check, an open racing the last writer's release
+        would stage the old version and fail on it with ESTALE.) The tree is read outside
+        the handles lock, which every read takes."""
+        while True:
+            with self._handles_lock:
+                state = self._writes.get(ino)
+                if state is not None:
+                    return state
+                forgotten = self._forgotten
+            inode = self.tree.get(ino)
+            metadata = self._metadata_of(inode)
+            with self._handles_lock:
+                state = self._writes.get(ino)
+                if state is not None:
+                    return state  # another opener made it meanwhile
+                if self._forgotten != forgotten:
+                    continue  # a publish may have replaced the record read above
                 state = self._writes[ino] = WriteState(
                     ino, self.config.store.prefix + inode.relpath, inode.relpath,
-                    inode.etag, inode.size, inode.mtime_ns, self._metadata_of(inode))
+                    inode.etag, inode.size, inode.mtime_ns, metadata)
                 self.tree.pin(ino)
-        return state
+                return state
 
     def _forget_write(self, state: WriteState) -> None:
         """Drop the state of a file nobody has open any more. A state that became dirty
@@ -478,6 +561,7 @@ class Filesystem:
             if state.handles > 0 or state.dirty or self._writes.get(state.ino) is not state:
                 return
             del self._writes[state.ino]
+            self._forgotten += 1
         with state.lock:
             if state.upload is not None:
                 state.upload.abort()
@@ -588,7 +672,7 @@ class Filesystem:
                 if state.upload is not None:
                     return state.upload.read(offset, size)  # its local copy: no publish
                 if state.staged is not None:
-                    return state.staged.pread(offset, size)
+                    return state.staged.pread(offset, max(0, min(size, state.size - offset)))
             except OSError as exc:
                 raise from_oserror(exc, f"{state.key}: reading its local copy failed") \
                     from None
@@ -757,6 +841,12 @@ class Filesystem:
             state = self._write_state(inode.ino)
             try:
                 self._truncate(state, size)
+                if fh is not None:
+                    # ftruncate(2): a change made through a descriptor, published at its close
+                    # like a write. (The kernel's truncate for open(O_TRUNC) carries no
+                    # handle: that one waits for a write or the last release, see flush.)
+                    with state.lock:
+                        state.wrote = state.wrote or state.dirty
                 with self._handles_lock:
                     unopened = state.handles == 0
                 if unopened:  # truncate(2) with no descriptor open: publish now
@@ -1208,6 +1298,16 @@ class Filesystem:
         with self._handles_lock:
             for ino in inos:
                 self._changing[ino] = gate
+
+    def entries_removed(self, entries: list[tuple[int, bytes]]) -> None:
+        """A relist removed these names (refresher thread): the kernel, which may cache
+        names for the attribute timeout (the TTL by default), forgets them now."""
+        self.invalidate_entries_now(entries)
+
+    def attrs_changed(self, inos: list[int]) -> None:
+        """A relist changed these inodes' attributes but not their version (an mtime, a
+        directory's link count): the kernel drops its cached attributes, not its pages."""
+        self.invalidate_attrs_now(inos)
 
     def changed(self, inos: list[int]) -> None:
         """The tree saw these inodes change or disappear at the origin (refresher thread).

@@ -43,6 +43,9 @@ _REFUSALS = frozenset({
 })
 
 
+_OUR_XATTRS = b"user.objfs."  # the only extended attributes objfs has (Filesystem._xattrs)
+
+
 class _errors:
     """The one per-operation hook: errno mapping, counts, errors and latency per op type.
 
@@ -112,9 +115,13 @@ def _entry(attrs: Attributes) -> llfuse.EntryAttributes:
 
 
 # A notification written to /dev/fuse (include/uapi/linux/fuse.h): fuse_out_header
-# {len, error = notify code, unique = 0} then fuse_notify_inval_inode_out {ino, off, len}.
+# {len, error = notify code, unique = 0} then fuse_notify_inval_inode_out {ino, off, len}
+# (off < 0: attributes only) or fuse_notify_inval_entry_out {parent, namelen, padding} and
+# the name with its NUL.
 _FUSE_NOTIFY_INVAL_INODE = 2
+_FUSE_NOTIFY_INVAL_ENTRY = 3
 _INVAL_INODE = struct.Struct("=IiQQqq")
+_INVAL_ENTRY = struct.Struct("=IiQQII")
 
 
 def fuse_device_fds() -> set[int]:
@@ -153,23 +160,54 @@ class KernelCacheNotifier:
                 if exc.errno != errno.ENOENT:
                     log.debug("invalidate_inode(%d): %s", ino, exc)
 
-    def invalidate_now(self, inos: list[int]) -> None:
+    def invalidate_now(self, inos: list[int], *, attrs_only: bool = False) -> None:
         fd = self.device_fd
         if fd is None:
-            if not self._warned.is_set():
-                self._warned.set()
-                log.warning("no FUSE device descriptor found: kernel cache invalidation is "
-                            "asynchronous, so a reader may briefly see the old version of a "
-                            "file replaced at the origin")
-            self.invalidate(inos)
+            self._warn_async()
+            for ino in inos:
+                try:
+                    llfuse.invalidate_inode(ino, attr_only=attrs_only)
+                except OSError:
+                    pass
             return
+        offset = -1 if attrs_only else 0
         for ino in inos:
             try:
                 os.write(fd, _INVAL_INODE.pack(_INVAL_INODE.size, _FUSE_NOTIFY_INVAL_INODE, 0,
-                                               ino, 0, 0))
+                                               ino, offset, 0))
             except OSError as exc:  # ENOENT: the kernel does not know the inode
                 if exc.errno != errno.ENOENT:
                     log.warning("dropping the kernel's cache of inode %d failed: %s", ino, exc)
+
+    def invalidate_attrs_now(self, inos: list[int]) -> None:
+        self.invalidate_now(inos, attrs_only=True)
+
+    def invalidate_entries_now(self, entries: list[tuple[int, bytes]]) -> None:
+        fd = self.device_fd
+        if fd is None:
+            self._warn_async()
+            for parent, name in entries:
+                try:
+                    llfuse.invalidate_entry(parent, name)
+                except OSError:
+                    pass
+            return
+        for parent, name in entries:
+            try:
+                os.write(fd, _INVAL_ENTRY.pack(_INVAL_ENTRY.size + len(name) + 1,
+                                               _FUSE_NOTIFY_INVAL_ENTRY, 0, parent, len(name),
+                                               0) + name + b"\0")
+            except OSError as exc:  # ENOENT: the kernel has no such entry cached
+                if exc.errno != errno.ENOENT:
+                    log.warning("dropping the kernel's entry %r in inode %d failed: %s",
+                                name, parent, exc)
+
+    def _warn_async(self) -> None:
+        if not self._warned.is_set():
+            self._warned.set()
+            log.warning("no FUSE device descriptor found: kernel cache invalidation is "
+                        "asynchronous, so a reader may briefly see the old version of a "
+                        "file replaced at the origin")
 
 
 class FuseOperations(llfuse.Operations):
@@ -179,6 +217,8 @@ class FuseOperations(llfuse.Operations):
         self.notifier = KernelCacheNotifier()
         fs.invalidate_inodes = self.notifier.invalidate
         fs.invalidate_inodes_now = self.notifier.invalidate_now
+        fs.invalidate_attrs_now = self.notifier.invalidate_attrs_now
+        fs.invalidate_entries_now = self.notifier.invalidate_entries_now
 
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
         with _errors("lookup", self.fs.metrics), llfuse.lock_released:
@@ -238,6 +278,11 @@ class FuseOperations(llfuse.Operations):
             # the only caller without a ctx: answer what setxattr itself answers.
             raise llfuse.FUSEError(ReadOnly.errno if self.fs.config.read_only
                                    else errno.ENOTSUP)
+        with _errors("getxattr", self.fs.metrics):
+            if not name.startswith(_OUR_XATTRS):
+                # ls -l asks every entry for security.selinux and system.posix_acl_access:
+                # answered here, holding llfuse's lock, without a lock hand-off or a tree read.
+                raise llfuse.FUSEError(llfuse.ENOATTR)
         with _errors("getxattr", self.fs.metrics), llfuse.lock_released:
             try:
                 return self.fs.getxattr(inode, name)

@@ -3,6 +3,12 @@
 Each thread increments its own shard (a plain dict reached through a ``threading.local``), so
 counting takes no lock and never contends; ``snapshot`` sums the shards. Names carry their unit
 (``_bytes``, ``_total``, ``_s``). Gauges are callables sampled at snapshot time.
+
+Labelled counters (``inc_labeled``: e.g. the peer cache's counters per peer address) live in
+shards of their own and are read with ``labeled``; they never appear in ``snapshot``, so a
+plain name keeps one value in ``objfs stats --json``. Prometheus shows a name that has
+labelled series only as those series (``objfs.control.prometheus_text``). Label values must
+come from a small set (member addresses), never from file names.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+Labels = tuple[tuple[str, str], ...]  # sorted (label, value) pairs
+
 
 class Metrics:
     def __init__(self) -> None:
         self._local = threading.local()
         self._shards: list[dict[str, float]] = []  # guarded by _shards_lock (appends only)
+        self._labeled_shards: list[dict[tuple[str, Labels], float]] = []  # same lock
         self._shards_lock = threading.Lock()
         self._gauges: dict[str, Callable[[], float]] = {}
         self._updown: set[str] = set()  # counters that also go down (a gauge for Prometheus)
@@ -30,6 +39,27 @@ class Metrics:
     def inc(self, name: str, value: float = 1) -> None:
         shard = self._shard()
         shard[name] = shard.get(name, 0) + value
+
+    def inc_labeled(self, name: str, labels: Labels, value: float = 1) -> None:
+        """Count ``value`` for the series ``name{labels}`` (``labels`` sorted pairs)."""
+        shard = getattr(self._local, "labeled", None)
+        if shard is None:
+            shard = self._local.labeled = {}
+            with self._shards_lock:
+                self._labeled_shards.append(shard)
+        key = (name, labels)
+        shard[key] = shard.get(key, 0) + value
+
+    def labeled(self) -> dict[str, dict[Labels, float]]:
+        """name -> {labels: value} of every labelled counter."""
+        out: dict[str, dict[Labels, float]] = {}
+        with self._shards_lock:
+            shards = list(self._labeled_shards)
+        for shard in shards:
+            for (name, labels), value in list(shard.items()):
+                series = out.setdefault(name, {})
+                series[labels] = series.get(labels, 0) + value
+        return out
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read

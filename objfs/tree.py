@@ -28,6 +28,8 @@ whatever the length of the S3 key:
   dentries  parent ino (8 BE) + name (UTF-8) -> child ino (8 BE) + kind (1)   [name order]
   shadowed  parent ino (8 BE) + name -> file ino (8 BE): a file hidden by a same-named dir
   attrs     ino (8 BE) -> mode, uid, gid, mtime set on this host (``Attrs``; absent: defaults)
+  objmeta   ino (8 BE) -> ETag length (2), ETag, ``Attrs`` read from that version's object
+            metadata by a HEAD (``--object-metadata``): valid while the ETag matches
 A listed entry keeps its inode number for as long as it exists (found again through its
 dentry), across refreshes and restarts; numbers are never reused.
 
@@ -222,6 +224,9 @@ class MetadataTree:
         self._active: collections.Counter[str] = collections.Counter()
         self._touched: set[str] = set()
         self._refreshing = False
+        # Inodes whose attributes a refresh changed without a new version: reported after
+        # each page (on_attrs). Local changes do not add to it (the kernel made them).
+        self._attr_changes: list[int] = []  # guarded by _local_lock
         path.mkdir(parents=True, exist_ok=True)
         self._path = path
         try:
@@ -259,6 +264,7 @@ class MetadataTree:
         self._dentries = env.open_db(b"dentries")
         self._shadowed = env.open_db(b"shadowed")
         self._attrs = env.open_db(b"attrs")
+        self._objmeta = env.open_db(b"objmeta")
         return env
 
     def _initialize(self, identity: str) -> None:
@@ -339,6 +345,27 @@ class MetadataTree:
         with self._env.begin() as txn:
             raw = txn.get(_U64.pack(ino), db=self._attrs)
         return Attrs.decode(raw) if raw is not None else None
+
+    def object_attrs(self, inode: Inode) -> Attrs | None:
+        """Attributes read from the object metadata of ``inode``'s current version (see
+        ``set_object_attrs``); None if not fetched for this version."""
+        with self._env.begin() as txn:
+            raw = txn.get(_U64.pack(inode.ino), db=self._objmeta)
+        if raw is None:
+            return None
+        etag_len = _ETAG_LEN.unpack_from(raw)[0]
+        if raw[2:2 + etag_len] != inode.etag.encode():
+            return None
+        return Attrs.decode(raw[2 + etag_len:])
+
+    def set_object_attrs(self, inode: Inode, attrs: Attrs) -> None:
+        """Remember what the object metadata of ``inode``'s version says (``Attrs()`` when
+        it says nothing), so it is fetched once per version, across restarts."""
+        etag = inode.etag.encode()
+        with self._env.begin(write=True) as txn:
+            if txn.get(_U64.pack(inode.ino), db=self._inodes) is not None:
+                txn.put(_U64.pack(inode.ino), _ETAG_LEN.pack(len(etag)) + etag + attrs.encode(),
+                        db=self._objmeta)
 
     def set_attrs(self, ino: int, *, clear_mtime: bool = False, **changes: int | None) -> Attrs:
         """Merge ``changes`` (mode=, uid=, gid=, mtime_ns=; None leaves a field) into the
@@ -439,6 +466,7 @@ class MetadataTree:
         with self._env.begin(write=True) as txn:
             self._remove(txn, raw_ino, None, self._now_ns())
             txn.delete(raw_ino, db=self._attrs)
+            txn.delete(raw_ino, db=self._objmeta)
 
     def rename(self, ino: int, new_parent: int, new_name: bytes) -> list[int]:
         """Move an entry (and, for a directory, every relpath below it) to ``new_parent`` /
@@ -506,6 +534,10 @@ class MetadataTree:
         with self._env.begin() as txn:
             return txn.stat(self._inodes)["entries"]
 
+    def _attr_changed(self, raw_ino: bytes) -> None:
+        with self._local_lock:
+            self._attr_changes.append(_U64.unpack(raw_ino)[0])
+
     def _now_ns(self) -> int:
         return int(self._clock() * 1e9)
 
@@ -526,7 +558,9 @@ class MetadataTree:
 
     def refresh(self, pages: Iterable[list[ObjectInfo]], scope: str = "",
                 on_changed: Callable[[list[int]], None] | None = None,
-                on_changing: Callable[[list[int]], None] | None = None) -> RefreshStats:
+                on_changing: Callable[[list[int]], None] | None = None,
+                on_removed: Callable[[list[tuple[int, bytes]]], None] | None = None,
+                on_attrs: Callable[[list[int]], None] | None = None) -> RefreshStats:
         """Apply a complete flat listing of ``prefix + scope`` and sweep what it did not list.
 
         ``scope`` is '' (the whole mount) or a directory relpath ending with '/'. If the
@@ -535,8 +569,10 @@ class MetadataTree:
         after the tree shows it. ``on_changing`` receives those whose version changed just
         before the tree shows it (inside the write transaction, so readers still see the old
         version); every such call is followed by ``on_changed`` of the same inodes, even if
-        the commit fails. Objects under keys of local changes (``local_change``) are left
-        alone.
+        the commit fails. ``on_removed`` receives the (parent inode, name) of every entry
+        the sweep removed, after it did; ``on_attrs`` the inodes whose attributes changed
+        without a new version (an mtime, a directory's link count or marker time), after
+        each page. Objects under keys of local changes (``local_change``) are left alone.
         """
         if scope and not scope.endswith("/"):
             raise ValueError("scope must be '' or end with '/'")
@@ -545,7 +581,8 @@ class MetadataTree:
                 self._refreshing = True
                 self._touched = set()
             try:
-                return self._refresh(pages, scope, on_changed, on_changing)
+                return self._refresh(pages, scope, on_changed, on_changing, on_removed,
+                                     on_attrs)
             finally:
                 with self._local_lock:
                     self._refreshing = False
@@ -553,7 +590,9 @@ class MetadataTree:
 
     def _refresh(self, pages: Iterable[list[ObjectInfo]], scope: str,
                  on_changed: Callable[[list[int]], None] | None,
-                 on_changing: Callable[[list[int]], None] | None) -> RefreshStats:
+                 on_changing: Callable[[list[int]], None] | None,
+                 on_removed: Callable[[list[tuple[int, bytes]]], None] | None,
+                 on_attrs: Callable[[list[int]], None] | None) -> RefreshStats:
         started = self._clock()
         t0 = time.monotonic()
         stats = RefreshStats(scope=scope)
@@ -573,9 +612,13 @@ class MetadataTree:
                 raise
             if changed and on_changed is not None:
                 on_changed(changed)
-        removed = self._sweep(scope, seen, stats)
+            self._report_attrs(on_attrs)
+        removed, names = self._sweep(scope, seen, stats)
         if removed and on_changed is not None:
             on_changed(removed)
+        if names and on_removed is not None:
+            on_removed(names)
+        self._report_attrs(on_attrs)
         if scope == "":
             with self._env.begin(write=True) as txn:
                 txn.put(b"listed_at", repr(started).encode(), db=self._meta)
@@ -585,6 +628,12 @@ class MetadataTree:
         self._metrics.inc("tree_refresh_seconds_total", stats.duration_s)
         self._metrics.inc("tree_invalid_keys_skipped_total", stats.skipped_invalid)
         return stats
+
+    def _report_attrs(self, on_attrs: Callable[[list[int]], None] | None) -> None:
+        with self._local_lock:
+            inos, self._attr_changes = self._attr_changes, []
+        if inos and on_attrs is not None:
+            on_attrs(sorted(set(inos)))
 
     def _next_generation(self) -> int:
         with self._env.begin(write=True) as txn:
@@ -676,6 +725,8 @@ class MetadataTree:
                 if marker_mtime_ns > _MTIME.unpack_from(old, _MTIME_OFFSET)[0]:
                     txn.put(raw_ino, old[:_MTIME_OFFSET] + _MTIME.pack(marker_mtime_ns)
                             + old[_MTIME_OFFSET + 8:], db=self._inodes)
+                    if seen is not None:
+                        self._attr_changed(raw_ino)
             return ino, next_ino
         if current is not None:
             # A file of the same name: the directory wins, the file waits in ``shadowed``.
@@ -687,6 +738,8 @@ class MetadataTree:
                 + dirpath.encode(), db=self._inodes)
         txn.put(dkey, raw_ino + _DIR_BYTE, db=self._dentries)
         self._adjust_dir(txn, _U64.pack(parent), 1, local_mtime_ns)
+        if seen is not None:
+            self._attr_changed(_U64.pack(parent))  # its link count
         if seen is not None:
             seen.add(ino)
         stats.added += 1
@@ -713,6 +766,8 @@ class MetadataTree:
                 if mtime != obj.mtime_ns:
                     txn.put(raw_ino, old[:_MTIME_OFFSET] + _MTIME.pack(obj.mtime_ns)
                             + old[_MTIME_OFFSET + 8:], db=self._inodes)
+                    if seen is not None:
+                        self._attr_changed(raw_ino)
                 return next_ino
             changed.append(_U64.unpack(raw_ino)[0])
             stats.changed += 1
@@ -760,7 +815,8 @@ class MetadataTree:
                     if len(value) > 8 and value[8] == Kind.DIR:
                         pending.append(_U64.unpack_from(value)[0])
 
-    def _sweep(self, scope: str, seen: _Seen, stats: RefreshStats) -> list[int]:
+    def _sweep(self, scope: str, seen: _Seen,
+               stats: RefreshStats) -> tuple[list[int], list[tuple[int, bytes]]]:
         """Delete entries under ``scope`` the listing did not name, unless this host is
         writing them or changed them meanwhile; return their inode numbers. A directory
         that still holds an entry that stays (a file being written) stays too."""
@@ -780,6 +836,7 @@ class MetadataTree:
                 if record[1] == _DIR and self._holds_survivor(txn, raw_ino, stale):
                     del stale[raw_ino]
         removed: list[bytes] = []
+        names: list[tuple[int, bytes]] = []
         if stale:
             with self._env.begin(write=True) as txn:
                 # Asked again under LMDB's writer lock: a local change may have begun since.
@@ -789,10 +846,13 @@ class MetadataTree:
                     if record is None or self._is_pinned(raw_ino) or (
                             skip is not None and skip.covers(self.prefix + _relpath_of(record))):
                         continue
+                    parent = _U64.unpack_from(record, 2)[0]
+                    names.append((parent, _relpath_of(record).rstrip("/").rsplit("/", 1)[-1]
+                                  .encode()))
                     self._remove(txn, raw_ino, seen, None)
                     removed.append(raw_ino)
             stats.removed += len(removed)
-        return [_U64.unpack(raw_ino)[0] for raw_ino in removed]
+        return [_U64.unpack(raw_ino)[0] for raw_ino in removed], names
 
     def _holds_survivor(self, txn: lmdb.Transaction, raw_ino: bytes,
                         stale: dict[bytes, bytes]) -> bool:
@@ -822,6 +882,7 @@ class MetadataTree:
         if rec_raw is None:
             return
         txn.delete(raw_ino, db=self._inodes)
+        txn.delete(raw_ino, db=self._objmeta)
         rec = Inode.decode(_U64.unpack(raw_ino)[0], rec_raw)
         name = rec.relpath.rstrip("/").rsplit("/", 1)[-1].encode()
         dkey = _dentry_key(rec.parent, name)
@@ -834,6 +895,8 @@ class MetadataTree:
         txn.delete(dkey, db=self._dentries)
         self._adjust_dir(txn, _U64.pack(rec.parent), -1 if rec.kind is Kind.DIR else 0,
                          local_mtime_ns)
+        if seen is not None and rec.kind is Kind.DIR:
+            self._attr_changed(_U64.pack(rec.parent))  # its link count
         if rec.kind is Kind.DIR:
             # A file hidden by this directory shows again if it is still current.
             twin = txn.get(dkey, db=self._shadowed)

@@ -208,3 +208,20 @@ def no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
                 leftovers.append(path)
     for path in leftovers:
         subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed_endpoint(aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[str]:
+    """SeaweedFS ``weed mini`` on loopback (the embedded default origin of ``make run``), for
+    the tests that must see what a second real server answers (it differs from moto: copies
+    answer unquoted ETags, a key ending with '/' cannot be copied, listings order keys
+    differently). Started once per session, on first use."""
+    from objfs.tools.devserver import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()

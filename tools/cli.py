@@ -35,7 +35,8 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=float, metavar="SECONDS",
                    help="metadata staleness bound: relist the prefix this often (default 300)")
     p.add_argument("--attr-timeout", type=float, metavar="SECONDS", dest="attr_timeout_s",
-                   default=1.0, help="how long the kernel may cache attributes (default 1)")
+                   help="how long the kernel may cache names and attributes (default: the "
+                   "TTL; relists and this host's changes tell the kernel what changed)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the training job's) use the mount")
     p.add_argument("--uid", type=int, help="owner shown for files (default: daemon's uid)")
@@ -58,6 +59,11 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", choices=("lru", "uniform"), default="lru",
                    help="eviction policy: lru, or uniform for shuffled multi-epoch training "
                    "over a dataset larger than the cache (default lru)")
+    p.add_argument("--object-metadata", choices=("off", "small", "all"), default="off",
+                   help="read mode, owner and symlink-ness from the objects' own metadata "
+                   "(one HEAD per object version, on first lookup): small = objects up to "
+                   "4 KiB, where symlinks are; all = every object; off = listing only "
+                   "(default off)")
     p.add_argument("--read-only", action="store_true",
                    help="refuse every modification with EROFS (mount ro)")
     p.add_argument("--write-buffer", metavar="SIZE",
@@ -72,6 +78,24 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
                    "copies through the mount) (default 10000)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    peer = p.add_argument_group("peer cache (README: Peer cache)")
+    peer.add_argument("--peer-listen", metavar="HOST:PORT",
+                      help="serve this host's page cache to the cluster here and fetch "
+                      "from the other members")
+    peer.add_argument("--peers", action="append", metavar="HOST:PORT,...",
+                      help="the members of the cluster (their --peer-advertise addresses; "
+                      "may include this host)")
+    peer.add_argument("--cluster-secret-file", metavar="FILE",
+                      help="the secret the members share (mode 0600; needed with "
+                      "--peer-listen)")
+    peer.add_argument("--peer-advertise", metavar="HOST:PORT",
+                      help="the address the other members know this host by (default: "
+                      "the --peer-listen address; required if that is a wildcard)")
+    peer.add_argument("--peer-serve-limit", metavar="RATE",
+                      help="most bytes/s served to peers, e.g. 200M (default: no limit)")
+    p.add_argument("--origin-read-limit", metavar="RATE",
+                   help="most bytes/s of ranged GETs from the origin, e.g. 400M "
+                   "(default: no limit)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--log-file", type=Path, help="log here (default: CACHE_DIR/objfs.log)")
 
@@ -104,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_refresh.add_argument("path", nargs="?", metavar="PATH",
                            help="directory or file under the mount (default: all of it)")
     p_refresh.set_defaults(func=cmd_refresh)
+
+    p_peers = sub.add_parser("peers", help="the cluster members a mount shares its cache with")
+    p_peers.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_peers.add_argument("--json", action="store_true", dest="as_json",
+                         help="print the members as JSON")
+    p_peers.set_defaults(func=cmd_peers)
 
     p_cache = sub.add_parser("cache", help="page cache commands")
     cache_sub = p_cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -145,6 +175,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                     as_json=args.as_json)
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    from objfs.tools import control_client
+
+    return control_client.run_peers(args.mountpoint, as_json=args.as_json)
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     from objfs.tools import control_client
 
@@ -174,17 +210,20 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         read_parallelism=args.read_parallelism, read_request_size=args.read_request_size,
         readahead=args.readahead, cache_size=args.cache_size,
         cache_free_floor=args.cache_free_floor, cache_policy=args.cache_policy,
+        object_metadata=args.object_metadata,
         metrics_addr=args.metrics_addr, read_only=args.read_only,
         write_buffer=args.write_buffer, upload_concurrency=args.upload_concurrency,
         part_size=args.part_size, rename_dir_limit=args.rename_dir_limit,
         log_level=args.log_level,
-        log_file=args.log_file)
+        log_file=args.log_file, peer_listen=args.peer_listen, peers=args.peers,
+        cluster_secret_file=args.cluster_secret_file, peer_advertise=args.peer_advertise,
+        peer_serve_limit=args.peer_serve_limit, origin_read_limit=args.origin_read_limit)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # bad flags fail before the daemon's imports (~1 s)
     from objfs import daemon
 
-    config = _config_from_args(args)
     lock_fd = daemon.preflight(config)
     if config.foreground:
         daemon.setup_logging(config, to_stderr=True)

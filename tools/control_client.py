@@ -1,4 +1,4 @@
-"""`objfs stats`, `objfs refresh`, `objfs cache drop`: clients of a mount's control endpoint.
+"""`objfs stats`, `objfs peers`, `objfs refresh`, `objfs cache drop`: clients of a mount's control endpoint.
 
 The mount point alone finds the endpoint: the mount root carries a ``user.objfs.control``
 extended attribute naming the unix socket in the cache dir. Only argument handling, the HTTP
@@ -184,4 +184,46 @@ def run_stats(mount: str, *, interval: float, count: int | None, as_json: bool) 
             rows += 1
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+# ---- peers ---------------------------------------------------------------------------------
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:.1f}"
+
+
+def peers_table(info: dict[str, Any]) -> list[str]:
+    """The lines ``objfs peers`` prints for a ``GET /peers`` answer."""
+    if not info.get("cluster"):
+        return ["not a cluster member (mounted without --peer-listen)"]
+    lines = [f"this host: {info.get('self')} (listening on {info.get('listen')}), "
+             f"s3://{info.get('bucket')}/{info.get('prefix', '')}, extents of "
+             f"{info.get('extent_pages')} pages",
+             f"{'member':<24} {'state':<22} {'in MiB':>9} {'out MiB':>9} {'asked':>7} "
+             f"{'served':>7} {'fallbk':>7} {'owner GETs':>10}  last error"]
+    for m in info.get("members", []):
+        state = m["state"]
+        if m.get("retry_in_s"):
+            state = f"{state} ({m['retry_in_s']:.0f}s)"
+        if not m.get("member", True):
+            state += " [not a member]"
+        error = m.get("last_error") or ""
+        if error and m.get("last_error_age_s") is not None:
+            error = f"{error} ({m['last_error_age_s']:.0f}s ago)"
+        lines.append(f"{m['id']:<24} {state:<22} {_mib(m['in_bytes']):>9} "
+                     f"{_mib(m['out_bytes']):>9} {m['requests']:>7} {m['served']:>7} "
+                     f"{m['fallbacks']:>7} {m['owner_fetches']:>10}  {error}".rstrip())
+    return lines
+
+
+def run_peers(mount: str, *, as_json: bool) -> int:
+    root = find_mount_root(mount)
+    info = request(root, "GET", "/peers", timeout=10.0)
+    if as_json:
+        json.dump(info, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    for line in peers_table(info):
+        print(line)
     return 0

@@ -12,14 +12,16 @@ side-by-side comparisons (per-contender figures, objfs/peer ratios).
 
 from __future__ import annotations
 
+from bench.workloads.cluster import ClusterWorkload
 from bench.workloads.listing import ListingWorkload
 from bench.workloads.netcal import NetcalWorkload
 from bench.workloads.pagecache import PagecacheWorkload
 from bench.workloads.randread import RandreadWorkload
+from bench.workloads.relist import RelistWorkload
 from bench.workloads.seqread import SeqreadWorkload
 from bench.workloads.smallfiles import SmallfilesWorkload
 from bench.workloads.write import WriteWorkload
 
 WORKLOADS = {w.name: w for w in (NetcalWorkload, PagecacheWorkload, SeqreadWorkload,
                                  RandreadWorkload, SmallfilesWorkload, WriteWorkload,
-                                 ListingWorkload)}
+                                 ListingWorkload, RelistWorkload, ClusterWorkload)}

@@ -160,7 +160,9 @@ def test_cold_then_warm_read_bytes_match_the_origin_count(s3, bucket, mounter, p
     m1 = cli_stats(mount)["metrics"]
     assert proxy.body_bytes["get"] == size
     assert m1["read_origin_bytes"] == proxy.body_bytes["get"]
-    assert m1["fuse_read_bytes"] == size
+    # The kernel may ask for a 128 KiB piece twice (a sync read and its own readahead racing
+    # for a page still being filled: seen on a loaded machine), never for less.
+    assert size <= m1["fuse_read_bytes"] <= size + 2 * 128 * 1024
     assert m1.get("read_fetched_bytes", 0) + m1.get("read_cache_bytes", 0) == m1["fuse_read_bytes"]
     assert m1["fuse_read_total"] > 0 and m1.get("fuse_read_errors_total", 0) == 0
     assert m1["cache_used_bytes"] >= size and m1["cache_pages_inflight"] == 0
@@ -169,8 +171,9 @@ def test_cold_then_warm_read_bytes_match_the_origin_count(s3, bucket, mounter, p
     assert read_file(path) == data                                    # warm
     settle(mount, proxy)
     m2 = cli_stats(mount)["metrics"]
-    assert m2["fuse_read_bytes"] - m1["fuse_read_bytes"] == size, "the read never left the kernel"
-    assert m2.get("read_cache_bytes", 0) - m1.get("read_cache_bytes", 0) == size
+    warm = m2["fuse_read_bytes"] - m1["fuse_read_bytes"]
+    assert size <= warm <= size + 2 * 128 * 1024, "the read never left the kernel"
+    assert m2.get("read_cache_bytes", 0) - m1.get("read_cache_bytes", 0) == warm
     assert m2["read_fetched_bytes"] == m1["read_fetched_bytes"]
     assert m2["read_origin_bytes"] == m1["read_origin_bytes"] == proxy.body_bytes["get"] == size
     assert m2["read_fetched_bytes"] + m2["read_cache_bytes"] == m2["fuse_read_bytes"]

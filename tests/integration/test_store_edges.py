@@ -122,3 +122,18 @@ def test_credential_refresh_does_not_block_origin_requests(s3, bucket, loop) -> 
 @pytest.mark.parametrize("raw", ['"x"', "x"])
 def test_object_info_equality_ignores_the_spelling(raw: str) -> None:
     assert ObjectInfo("k", 1, raw, 0) == ObjectInfo("k", 1, '"x"', 0)
+
+
+def test_seaweedfs_listings_of_odd_keys_parse_the_same(seaweed_endpoint, loop) -> None:
+    import boto3
+    import uuid
+    s3 = boto3.client("s3", endpoint_url=seaweed_endpoint, region_name="us-east-1")
+    bucket = f"odd-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    keys = ODD_KEYS + ["dir/", "dir/sub/x"]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    store, _ = make_store(seaweed_endpoint, bucket, loop)
+    listed = [obj for page in store.list_pages("") for obj in page]
+    assert sorted(o.key for o in listed) == sorted(keys)
+    assert all(o.etag.startswith('"') and o.mtime_ns > 0 for o in listed)

@@ -274,7 +274,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         missing = resident - set(files)
         assert missing <= self.deleted, f"{len(missing - self.deleted)} resident pages lost"
         with cache._lock:
-            sizes = {bytes(p): s for p, s in cache._policy._sizes.items()}
+            sizes = {bytes(p): s for p, s in cache._policy.sizes().items()}
         self.damaged &= resident
         assert all(files[pid] == sizes[pid] for pid in files if pid not in self.damaged)
         assert cache.used_bytes == sum(sizes.values())

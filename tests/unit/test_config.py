@@ -180,3 +180,84 @@ def test_other_mount_values_validated(tmp_path: Path, kwargs: dict[str, object])
 def test_retry_config_validated(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         RetryConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---- the peer cache flags ------------------------------------------------------------------------
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.secret"
+    path.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    path.chmod(0o600)
+    return path
+
+
+def make(**kwargs) -> MountConfig:
+    return MountConfig.create(url="s3://bkt/p", mountpoint="/mnt/x", cache_dir="/tmp/c",
+                              **kwargs)
+
+
+def test_no_peer_flags_no_cluster() -> None:
+    config = make()
+    assert not config.cluster and config.peers == () and config.cluster_secret is None
+    assert config.origin_read_limit_bytes is None
+
+
+def test_peer_flags_build_the_member_list(secret_file: Path) -> None:
+    config = make(peer_listen="127.0.0.1:9567",
+                  peers=["127.0.0.1:9567,10.0.0.2:9567", " 10.0.0.3:9567 ", "[::1]:9000"],
+                  cluster_secret_file=str(secret_file), peer_serve_limit="200M",
+                  origin_read_limit="1G/s")
+    assert config.cluster and config.peer_listen == ("127.0.0.1", 9567)
+    assert config.peer_id == "127.0.0.1:9567"
+    assert config.peers == ("127.0.0.1:9567", "10.0.0.2:9567", "10.0.0.3:9567", "[::1]:9000")
+    assert config.cluster_secret == b"0123456789abcdef0123456789abcdef"
+    assert config.peer_serve_limit_bytes == 200 * 2**20
+    assert config.origin_read_limit_bytes == 2**30
+    assert "0123456789abcdef" not in repr(config)  # the secret never reaches a log line
+
+
+def test_wildcard_listen_needs_an_advertised_address(secret_file: Path) -> None:
+    with pytest.raises(ConfigError, match="--peer-advertise"):
+        make(peer_listen="0.0.0.0:9567", cluster_secret_file=str(secret_file))
+    config = make(peer_listen="0.0.0.0:9567", peer_advertise="10.0.0.1:9567",
+                  cluster_secret_file=str(secret_file))
+    assert config.peer_id == "10.0.0.1:9567" and config.peer_listen == ("0.0.0.0", 9567)
+    with pytest.raises(ConfigError, match="wildcard"):
+        make(peer_listen="0.0.0.0:9567", peer_advertise="0.0.0.0:9567",
+             cluster_secret_file=str(secret_file))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"peers": "127.0.0.1:1"}, "--peers needs --peer-listen"),
+    ({"cluster_secret_file": "/x"}, "--cluster-secret-file needs --peer-listen"),
+    ({"peer_advertise": "h:1"}, "--peer-advertise needs --peer-listen"),
+    ({"peer_serve_limit": "1M"}, "--peer-serve-limit needs --peer-listen"),
+    ({"peer_listen": "127.0.0.1:1"}, "needs --cluster-secret-file"),
+    ({"peer_listen": "127.0.0.1", "secret": True}, "--peer-listen: '127.0.0.1' is not HOST:PORT"),
+    ({"peer_listen": "h:0", "secret": True}, "is not HOST:PORT"),
+    ({"peer_listen": "h:70000", "secret": True}, "is not HOST:PORT"),
+    ({"peer_listen": "h:1", "peers": "a:1,,b:2", "secret": True}, "--peers: empty entry"),
+    ({"peer_listen": "h:1", "peers": "a:1,b", "secret": True}, "--peers: 'b' is not HOST:PORT"),
+    ({"peer_listen": "h:1", "peers": "a b:1", "secret": True}, "is not HOST:PORT"),
+    ({"peer_listen": "h:1", "peers": "http://a:1", "secret": True}, "is not HOST:PORT"),
+    ({"peer_listen": "h:1", "peers": "", "secret": True}, "--peers: empty list"),
+    ({"peer_listen": "h:1", "peer_serve_limit": "fast", "secret": True}, "--peer-serve-limit"),
+    ({"peer_listen": "h:1", "peer_serve_limit": "0", "secret": True}, "positive rate"),
+    ({"origin_read_limit": "-1M"}, "--origin-read-limit"),
+])
+def test_bad_peer_flags(kwargs: dict, message: str, secret_file: Path) -> None:
+    if kwargs.pop("secret", False):
+        kwargs["cluster_secret_file"] = str(secret_file)
+    with pytest.raises(ConfigError) as info:
+        make(**kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_secret_file_is_checked_at_create(secret_file: Path, tmp_path: Path) -> None:
+    secret_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="accessible by other users"):
+        make(peer_listen="h:1", cluster_secret_file=str(secret_file))
+    with pytest.raises(ConfigError, match="No such file"):
+        make(peer_listen="h:1", cluster_secret_file=str(tmp_path / "missing"))

@@ -1075,11 +1075,14 @@ def test_read_if_ready_serves_ready_pages_and_refuses_the_rest_without_side_effe
     assert cache.read(v, 0, 2 * P) == data[:2 * P]
     settle(cache)
     env.source.reset()
+    # READY, but their files are not open yet: opening may wait for the disk.
+    assert cache.read_if_ready(v, P - 10, 20) is None
+    assert cache.read(v, P - 10, 20) == data[P - 10:P + 10]              # opens them
     assert cache.read_if_ready(v, P - 10, 20) == data[P - 10:P + 10]     # two READY pages
     assert cache.read_if_ready(v, P, 3 * P) is None       # pages 2 and 3 are not READY
     assert env.source.call_count() == 0 and cache.state(v, 2) is PageState.MISSING
     assert cache.read_if_ready(v, 4 * P, 10) == b""       # past the end
-    assert env.metrics.get("read_cache_hit_bytes") == 20
+    assert env.metrics.get("read_cache_hit_bytes") == 40
 
 
 def test_read_if_ready_does_not_wait_for_the_disk(env: Env) -> None:
@@ -1108,6 +1111,7 @@ def test_read_if_ready_finds_a_damaged_page_and_leaves_it_to_read(env: Env) -> N
     cache = env.open()
     cache.read(v, 0, 2 * P)
     settle(cache)
+    cache.read(v, 0, 2 * P)  # a hit: the page files are open now
     path = page_path(env.directory, v, 1)
     raw = bytearray(path.read_bytes())
     raw[HEADER_SIZE + 5] ^= 0xFF
@@ -1136,3 +1140,57 @@ def test_sequential_hits_through_read_if_ready_still_read_ahead(env: Env) -> Non
     settle(cache)
     assert env.source.fetched_pages(v) == list(range(16))  # each page once
     assert env.source.call_count() < 16                   # ahead of the reader, coalesced
+
+
+def test_the_hit_path_never_waits_behind_an_index_commit(env: Env, monkeypatch) -> None:
+    """Storing pages commits their index entries, an LMDB write that can wait for the disk
+    or another transaction; a hit, which the FUSE adapter serves holding llfuse's lock, must
+    not wait for it (issue 13, item 17)."""
+    data = random_bytes(3 * P, 60)
+    v = env.source.put("x", data)
+    cache = env.open()
+    cache.read(v, 0, P)
+    settle(cache)
+    assert cache.read(v, 0, 4096) == data[:4096]  # its file is open now
+    entered, release = threading.Event(), threading.Event()
+    original = cache._index.put
+
+    def slow_put(entries):
+        entered.set()
+        assert release.wait(30)
+        return original(entries)
+
+    monkeypatch.setattr(cache._index, "put", slow_put)
+    threading.Thread(target=lambda: cache.read(v, 2 * P, 10), daemon=True).start()
+    assert entered.wait(10)  # a writer thread is inside the commit of page 2
+    done = threading.Event()
+    result: list[bytes | None] = []
+
+    def hit() -> None:
+        result.append(cache.read_if_ready(v, 100, 4096))
+        done.set()
+
+    threading.Thread(target=hit, daemon=True).start()
+    try:
+        assert done.wait(5), "a hit waited for an index commit"
+        assert result[0] in (data[100:4196], None)  # None only if the kernel dropped it
+    finally:
+        release.set()
+    settle(cache)
+    assert cache.state(v, 2) is PageState.READY
+
+
+def test_the_hit_path_never_opens_a_file(env: Env, monkeypatch) -> None:
+    data = random_bytes(P, 61)
+    v = env.source.put("x", data)
+    cache = env.open()
+    cache.read(v, 0, P)
+    settle(cache)
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or
+                        real_open(path, *a, **k))
+    assert cache.read_if_ready(v, 0, 4096) is None
+    assert opened == []
+    assert cache.read(v, 0, 4096) == data[:4096]
+    assert len(opened) == 1

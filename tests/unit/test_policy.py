@@ -349,3 +349,75 @@ def test_uniform_beats_lru_on_shuffled_epochs() -> None:
 def test_trace_relation_holds_for_other_seeds(seed: int) -> None:
     lru, uniform = simulate("lru", seed), simulate("uniform", seed)
     assert min(uniform[1:]) > max(lru[1:]) + 0.2
+
+
+# ---- replica-aware eviction --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lru", "uniform"])
+def test_copies_are_evicted_before_owned_pages(name: str) -> None:
+    p = make_policy(name, 6)
+    for page, owned in (("o1", True), ("c1", False), ("o2", True), ("c2", False),
+                        ("o3", True), ("c3", False)):
+        assert p.admit(page, 1, owned=owned) == []
+    assert p.copies == 3 and p.is_copy("c1") and not p.is_copy("o1")
+    assert p.pages() == ["c1", "c2", "c3", "o1", "o2", "o3"]
+    assert p.resize(4) == ["c1", "c2"]  # shrinking (uniform's only eviction): copies first
+    assert p.resize(2) == ["c3", "o1"]
+    assert p.pages() == ["o2", "o3"]
+
+
+def test_lru_admission_evicts_least_recent_copy_first_then_least_recent_owned() -> None:
+    p = LruPolicy(4)
+    p.admit("o1", 1)
+    p.admit("c1", 1, owned=False)
+    p.admit("o2", 1)
+    p.admit("c2", 1, owned=False)
+    p.touch("c1")  # c2 is now the least recently used copy
+    assert p.admit("o3", 1) == ["c2"]
+    assert p.admit("c3", 1, owned=False) == ["c1"]
+    assert p.admit("o4", 1) == ["c3"]
+    p.touch("o1")
+    assert p.admit("o5", 1) == ["o2"]  # no copies left: plain LRU among owned pages
+    assert p.pages() == ["o3", "o4", "o1", "o5"]
+
+
+def test_uniform_holds_its_set_whatever_the_class() -> None:
+    p = UniformPolicy(2)
+    p.admit("c1", 1, owned=False)
+    p.admit("c2", 1, owned=False)
+    assert p.admit("o1", 1) is None  # admission never evicts, even a copy
+    assert p.pages() == ["c1", "c2"]
+
+
+def test_reclassify_after_a_membership_change() -> None:
+    p = LruPolicy(10)
+    for page in ("o1", "o2", "o3"):
+        p.admit(page, 1)
+    for page in ("c1", "c2"):
+        p.admit(page, 1, owned=False)
+    moved = p.reclassify([("o2", False), ("c2", True), ("o1", True), ("gone", False)])
+    assert moved == 2
+    # o2 became a copy: first to go; c2 became owned: last among the owned.
+    assert p.pages() == ["o2", "c1", "o1", "o3", "c2"]
+    assert p.copies == 2 and p.used_bytes == 5 and len(p) == 5
+    assert p.sizes() == {"o1": 1, "o2": 1, "o3": 1, "c1": 1, "c2": 1}
+
+
+def test_load_restores_the_class() -> None:
+    p = LruPolicy(3)
+    p.load("o1", 1)
+    p.load("c1", 1, owned=False)
+    p.load("o2", 1)
+    assert p.load("o3", 1) == ["c1"]  # over capacity after a restart: the copy goes
+
+
+def test_owned_pages_survive_a_scan_of_copies() -> None:
+    """The point of it: a host keeps the pages the cluster expects it to have while it
+    streams through copies of everyone else's."""
+    p = LruPolicy(100)
+    owned = [f"o{i}" for i in range(60)]
+    for page in owned:
+        p.admit(page, 1)
+    for i in range(1000):
+        p.admit(f"c{i}", 1, owned=False)
+    assert set(owned) <= set(p.pages()) and p.copies == 40
