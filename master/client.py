@@ -92,8 +92,9 @@ class MasterClient:
         return HeartbeatReply.from_json(self._call("POST", "/v1/members/heartbeat",
                                                    report.to_json()))
 
-    def leave(self, member: str) -> bool:
-        return bool(self._call("POST", "/v1/members/leave", {"member": member})["left"])
+    def leave(self, member: str, timeout: float | None = None) -> bool:
+        return bool(self._call("POST", "/v1/members/leave", {"member": member},
+                               timeout=timeout)["left"])
 
     def wait(self, job_id: str, *, callback: Callable[[dict[str, Any]], None] | None = None,
              interval: float = 1.0, timeout: float | None = None,

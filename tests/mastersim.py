@@ -51,8 +51,10 @@ class FakeClock:
 
 class MasterHarness:
     def __init__(self, directory: Path, endpoint: str, *, member_timeout: float = 10.0,
-                 heartbeat_interval: float = 1.0, max_attempts: int = 3) -> None:
+                 heartbeat_interval: float = 1.0, max_attempts: int = 3,
+                 origin: object = None) -> None:
         self.directory = directory
+        self.origin = origin  # an OriginLister instead of the real one (listing endpoint)
         self.endpoint = endpoint
         self.secret_file = write_secret(directory)
         self.clock = FakeClock()
@@ -67,9 +69,10 @@ class MasterHarness:
 
     def start(self) -> "MasterHarness":
         clock = self.clock
+        fake = self.origin
         self.service = MasterService(
             self.config, coordinator_factory=lambda state, origin, settings: Coordinator(
-                state, origin, settings=settings, clock=clock)).start()
+                state, fake or origin, settings=settings, clock=clock)).start()
         return self
 
     def stop(self) -> None:

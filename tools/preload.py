@@ -6,6 +6,10 @@ otherwise, or JSON with ``--json``; it exits 0 when the job is done, 1 when it f
 cancelled, 130 on ^C (asking on a terminal whether to cancel the job, or cancelling at once
 with ``--cancel-on-interrupt``; otherwise the job goes on). User errors are one line on stderr
 (``cli.main`` prints every ``ObjfsError``).
+
+``objfs preload MOUNTPOINT/PATH`` (a path, not an s3:// URL) needs no master: the daemon of
+that mount warms its own cache (``objfs.warmup``, through the control endpoint) and the
+command follows the job with the same display until it ends; ^C cancels it.
 """
 
 from __future__ import annotations
@@ -51,11 +55,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "preload", help="warm data into the cluster's caches (status, cancel, list)",
         usage="objfs preload s3://BUCKET/PATH [s3://...] --master URL [--wait] ...\n"
-              "       objfs preload status ID | cancel ID | list --master URL ...",
+              "       objfs preload status ID | cancel ID | list --master URL ...\n"
+              "       objfs preload MOUNTPOINT/PATH [--bandwidth-limit RATE]",
         description="Submit a preload job to the master (a directory, a file, a bucket, or "
-        "several files), or look at / cancel jobs.")
+        "several files), or look at / cancel jobs. With a path on an objfs mount instead "
+        "of s3:// URLs: warm that host's cache only (no master), following the job until "
+        "it ends (^C cancels it).")
     p.add_argument("target", nargs="+", metavar="ARG",
-                   help="s3:// URLs to preload, or: status ID, cancel ID, list")
+                   help="s3:// URLs to preload, or: status ID, cancel ID, list; or one "
+                   "path on an objfs mount (local warm-up)")
     p.add_argument("--master", default=os.environ.get("OBJFS_MASTER"), metavar="URL",
                    help="the master (default: $OBJFS_MASTER)")
     p.add_argument("--cluster-secret-file", metavar="FILE",
@@ -152,17 +160,20 @@ def cmd_preload(args: argparse.Namespace) -> int:
     verb = args.target[0]
     if verb in _VERBS:
         return _cmd_verb(args, verb, args.target[1:])
+    if not any(t.startswith("s3://") for t in args.target) and not args.files_from:
+        if len(args.target) != 1:
+            raise ConfigError("objfs preload: give one path on an objfs mount (or s3:// URLs "
+                              "for the master)")
+        if args.group:  # (--master may come from $OBJFS_MASTER: not an error here)
+            raise ConfigError("objfs preload: --group is for s3:// sources (a path warms "
+                              "this host's cache only)")
+        return _cmd_local(args, args.target[0])
     sources = _sources(args)
     if not all(s.startswith("s3://") for s in sources):
         bad = next(s for s in sources if not s.startswith("s3://"))
-        raise ConfigError(f"objfs preload: {bad!r} is not an s3:// URL (local warm-up of a "
-                          "mounted path comes with the daemon side of the master)")
-    limit = None
-    if args.bandwidth_limit:
-        text = args.bandwidth_limit.removesuffix("/s")
-        limit = parse_size(text, "--bandwidth-limit")
-        if limit <= 0:
-            raise ConfigError("--bandwidth-limit must be positive")
+        raise ConfigError(f"objfs preload: {bad!r} is not an s3:// URL (a path on a mount "
+                          "is preloaded on its own: objfs preload MOUNTPOINT/PATH)")
+    limit = _bandwidth_limit(args)
     client = _client(args)
     if len(sources) == 1 and not args.files_from:
         status = client.submit(sources[0], bandwidth_limit=limit, group=args.group)
@@ -175,6 +186,58 @@ def cmd_preload(args: argparse.Namespace) -> int:
             print(status["id"])
         return 0
     return _follow(client, status["id"], args)
+
+
+def _bandwidth_limit(args: argparse.Namespace) -> int | None:
+    if not args.bandwidth_limit:
+        return None
+    limit = parse_size(args.bandwidth_limit.removesuffix("/s"), "--bandwidth-limit")
+    if limit <= 0:
+        raise ConfigError("--bandwidth-limit must be positive")
+    return limit
+
+
+def _cmd_local(args: argparse.Namespace, path: str) -> int:
+    """Warm one host's cache through its daemon's control endpoint and follow the job."""
+    import urllib.parse
+
+    from objfs.tools import control_client
+
+    full = os.path.abspath(path)
+    root = control_client.find_mount_root(full)
+    rel = control_client.relative_to_mount(root, full)
+    limit = _bandwidth_limit(args)
+    query = {"path": rel, **({"bandwidth_limit": str(limit)} if limit else {})}
+    status = control_client.request(root, "POST",
+                                    f"/preload?{urllib.parse.urlencode(query)}")
+    job_id = status["id"]
+    tty = sys.stdout.isatty() and not args.as_json
+    interval = args.interval or (1.0 if tty else 5.0)
+    display = Progress(sys.stdout, tty=tty, quiet=args.as_json, interval=interval)
+    quoted = urllib.parse.quote(job_id, safe="")
+    try:
+        while True:
+            display.update(status)
+            if status["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(min(interval, 0.5))
+            status = control_client.request(root, "GET", f"/preload/{quoted}", timeout=10.0)
+    except KeyboardInterrupt:
+        display.clear()
+        try:
+            control_client.request(root, "DELETE", f"/preload/{quoted}", timeout=10.0)
+            print(f"objfs: interrupted; preload {job_id} of {path} cancelled", file=sys.stderr)
+        except ConfigError as exc:
+            print(f"objfs: interrupted; could not cancel preload {job_id}: {exc}",
+                  file=sys.stderr)
+        return 130
+    display.finish(status)
+    if args.as_json:
+        _print_json(status)
+    if status["state"] == "done":
+        return 0
+    print(f"objfs: {failure_line(status)}", file=sys.stderr)
+    return 1
 
 
 def _cmd_verb(args: argparse.Namespace, verb: str, rest: list[str]) -> int:

@@ -313,7 +313,10 @@ def test_user_errors_are_one_line(master, cluster, bucket, tmp_path) -> None:
     one_error_line(master.cli("preload", "s3://not-mounted-bucket/x"), "no live member mounts")
     one_error_line(master.cli("preload", "status", "0123456789abcdef"), "no preload job")
     one_error_line(master.cli("preload", "status"), "usage: objfs preload status ID")
-    one_error_line(master.cli("preload", "/some/path"), "not an s3:// URL")
+    one_error_line(master.cli("preload", "/some/path"), "/some/path: no such file")
+    one_error_line(master.cli("preload", str(tmp_path)), "is not on an objfs mount")
+    one_error_line(master.cli("preload", f"s3://{bucket}/data/", "/some/path"),
+                   "not an s3:// URL")
     one_error_line(master.cli("preload", "s3://x/y", "--bandwidth-limit", "fast"),
                    "--bandwidth-limit")
     one_error_line(run_objfs("preload", "list", "--cluster-secret-file",
