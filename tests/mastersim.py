@@ -11,6 +11,7 @@ restarted daemon does. Nothing inside the master is mocked.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from objfs.master.planner import extent_bytes
 from objfs.master.protocol import (HeartbeatReply, JobInfo, MemberReport, Origin, TaskRef,
                                    TaskResult, WorkItem, normalize_endpoint)
 from objfs.master.server import MasterConfig, MasterService
-from tests.conftest import free_port
+from tests.conftest import OBJFS, free_port, run_objfs, wait_port
 
 SECRET = b"test-cluster-secret-0123456789abcdef"
 
@@ -192,3 +193,60 @@ def drive(members: Iterable[SimMember], done: Callable[[], bool], rounds: int = 
         if done():
             return round_no + 1
     raise AssertionError(f"not done after {rounds} rounds")
+
+
+class MasterProcess:
+    def __init__(self, tmp: Path, endpoint: str) -> None:
+        self.tmp = tmp
+        self.endpoint = endpoint
+        self.secret_file = write_secret(tmp)
+        self.state_dir = tmp / "master-state"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "master.log"
+        self.proc: subprocess.Popen | None = None
+
+    def args(self) -> list[str]:
+        return ["master", "--listen", f"127.0.0.1:{self.port}", "--state-dir",
+                str(self.state_dir), "--cluster-secret-file", str(self.secret_file),
+                "--endpoint", self.endpoint, "--heartbeat-interval", "0.5",
+                "--member-timeout", "3"]
+
+    def start(self) -> "MasterProcess":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([OBJFS, *self.args()], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def client(self) -> MasterClient:
+        return MasterClient(self.url, SECRET)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run_objfs(*args, "--master", self.url, "--cluster-secret-file",
+                         str(self.secret_file), timeout=timeout)
+
+    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([OBJFS, *args, "--master", self.url, "--cluster-secret-file",
+                                 str(self.secret_file)], text=True, **kwargs)
+
+    def member(self, member_id: str, bucket: str) -> SimMember:
+        return SimMember(self.client(), member_id,
+                         Origin(normalize_endpoint(self.endpoint), bucket, ""))

@@ -21,71 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from objfs.master.client import MasterClient
 from objfs.master.errors import MasterError
-from tests.conftest import OBJFS, free_port, put_many, run_objfs, wait_port
-from tests.mastersim import SECRET, SimMember, write_secret
-from objfs.master.protocol import Origin, normalize_endpoint
+from tests.conftest import free_port, put_many, run_objfs
+from tests.mastersim import SECRET, MasterProcess, SimMember, write_secret
 
 MiB = 1024 * 1024
 A, B = "127.0.0.1:7101", "127.0.0.1:7102"
-
-
-class MasterProcess:
-    def __init__(self, tmp: Path, endpoint: str) -> None:
-        self.tmp = tmp
-        self.endpoint = endpoint
-        self.secret_file = write_secret(tmp)
-        self.state_dir = tmp / "master-state"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / "master.log"
-        self.proc: subprocess.Popen | None = None
-
-    def args(self) -> list[str]:
-        return ["master", "--listen", f"127.0.0.1:{self.port}", "--state-dir",
-                str(self.state_dir), "--cluster-secret-file", str(self.secret_file),
-                "--endpoint", self.endpoint, "--heartbeat-interval", "0.5",
-                "--member-timeout", "3"]
-
-    def start(self) -> "MasterProcess":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([OBJFS, *self.args()], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
-        wait_port(self.port)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    def client(self) -> MasterClient:
-        return MasterClient(self.url, SECRET)
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run_objfs(*args, "--master", self.url, "--cluster-secret-file",
-                         str(self.secret_file), timeout=timeout)
-
-    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([OBJFS, *args, "--master", self.url, "--cluster-secret-file",
-                                 str(self.secret_file)], text=True, **kwargs)
-
-    def member(self, member_id: str, bucket: str) -> SimMember:
-        return SimMember(self.client(), member_id,
-                         Origin(normalize_endpoint(self.endpoint), bucket, ""))
 
 
 class Driver(threading.Thread):
