@@ -79,7 +79,7 @@ def check_extent_pages(reported: Mapping[str, int]) -> int:
         detail = "; ".join(f"{pages} pages on {', '.join(ms)}"
                            for pages, ms in sorted(values.items()))
         raise Conflict(f"members of one group report different extent sizes ({detail}): "
-                       "start every daemon of a group with the same --read-request-size",
+                       "run the same objfs version on every daemon of a group",
                        code="mixed_extent_pages")
     if not values:
         raise Conflict("no members")

@@ -20,7 +20,7 @@ Request (``MemberReport``)::
      "incarnation": "6f1c...",            # random per daemon start
      "origin": {"endpoint": "http://s3.internal:8333", "bucket": "datasets",
                 "prefix": "imagenet/"},    # what it mounts ("" endpoint = AWS)
-     "extent_pages": 8,                   # its --read-request-size in 1 MiB pages
+     "extent_pages": 8,                   # its owner function's extent, in 1 MiB pages
      "cache": {"capacity_bytes": N, "used_bytes": N, "free_bytes": N},
      "held": [{"job": "J", "task": 17}],  # every task received and not yet reported final
      "results": [{"job": "J", "task": 12, "state": "done",      # or "failed"

@@ -268,7 +268,7 @@ def test_a_member_leaving_hands_its_work_over_at_once(harness, s3, bucket) -> No
 
 def test_mixed_extent_sizes_in_a_group_are_refused(harness, bucket) -> None:
     harness.member(A, bucket, extent_pages=8).heartbeat()
-    with pytest.raises(Conflict, match="different extent sizes.*--read-request-size"):
+    with pytest.raises(Conflict, match="different extent sizes.*same objfs version"):
         harness.member(B, bucket, extent_pages=4).heartbeat()
     # Another group (another prefix) may use another size.
     harness.member(C, bucket, "data/", extent_pages=4).heartbeat()
