@@ -256,7 +256,11 @@ class MasterAgent:
             if task is not None:
                 task.cancel()
         for item in work:
-            if item.job in self._ended or item.ref in self._running:
+            if item.ref in self._running:
+                continue
+            if item.job in self._ended:  # ended before its work arrived: nothing to do
+                with self._lock:
+                    self._held.pop(item.ref, None)
                 continue
             self._running[item.ref] = asyncio.get_running_loop().create_task(
                 self._run_extent(item))
