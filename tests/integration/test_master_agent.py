@@ -234,3 +234,20 @@ def test_a_cache_full_of_pinned_pages_fails_the_rest(world: World) -> None:
     # The job never evicted its own pages: the cache is full of them.
     v = world.versions["train/a.bin"]
     assert a.cache.states(v, range(v.page_count())).count(PageState.READY) == 12
+
+
+def test_each_member_keeps_to_its_share_of_the_bandwidth_limit(world: World) -> None:
+    a, b = world.add_host(), world.add_host()
+    world.beat()
+    world.beat()
+    limit = 8 * P  # the job's; 4 MiB/s for each of the two members
+    t0 = time.monotonic()
+    job = world.master.client().submit(f"s3://{BUCKET}/train/", bandwidth_limit=limit)
+    status = world.run(job["id"])
+    elapsed = time.monotonic() - t0
+    assert status["state"] == "done"
+    assert a.agent.describe()["jobs"] == {} and b.agent.describe()["jobs"] == {}
+    # Each member may start with a second's worth in its bucket and owes the rest.
+    shares = [h["bytes_done"] for h in status["hosts"].values()]
+    floor = max(shares) / (limit / 2) - 1 - 8 * P / (limit / 2)
+    assert elapsed >= floor, (elapsed, shares)
