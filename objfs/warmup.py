@@ -219,8 +219,11 @@ class LocalPreloads:
             with self._lock:
                 self._end(job, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            walk.close()
             released = self._fetcher.release(pin_holder(job.id))
+            try:
+                walk.close()
+            except ValueError:  # still running in its worker thread (cancelled): it ends there
+                pass
             log.info("local preload %s %s: %d pinned pages released", job.id, job.state,
                      released)
 
