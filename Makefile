@@ -106,7 +106,7 @@ stop:
 	@if [ -x $(PY) ]; then $(PY) -m objfs.tools.devserver stop --dir $(SEAWEED_DIR); fi
 
 test: setup
-	$(VENV)/bin/ruff check objfs cache tools tests bench
+	$(VENV)/bin/ruff check objfs cache master tools tests bench
 	$(PY) -m pytest -q -ra
 
 bench: setup

@@ -282,9 +282,9 @@ def statvfs_free_bytes(path: Path) -> int:
 
 class PageCache:
     """Thread-safe. Fields under ``_lock``: ``_inflight``, ``_policy``, ``_touched``, ``_seq``,
-    ``_free_estimate``. The event-loop thread runs fetches; writer threads persist pages; the
-    maintenance thread flushes last-use order, reconciles files and reclassifies pages after
-    a membership change."""
+    ``_free_estimate``, ``_pins``. The event-loop thread runs fetches; writer threads persist
+    pages; the maintenance thread flushes last-use order, reconciles files and reclassifies
+    pages after a membership change."""
 
     def __init__(self, directory: Path, sources: SourceChain, loop: EventLoopThread, *,
                  metrics: Metrics, capacity_bytes: int, policy: str = "lru",
@@ -330,6 +330,7 @@ class PageCache:
         self._inflight: dict[bytes, Future] = {}          # guarded by _lock
         self._policy: EvictionPolicy = make_policy(policy, capacity_bytes)  # guarded by _lock
         self._touched: dict[bytes, int] = {}              # guarded by _lock: last use to persist
+        self._pins: dict[str, set[bytes]] = {}            # guarded by _lock: holder -> pages
         # Fetched pages the cache did not keep (refused by the policy, disk trouble): the
         # kernel asks for a page in 128 KiB pieces, so without these a read-through page
         # would be fetched once per piece. Bounded LRU of done futures.
@@ -368,6 +369,7 @@ class PageCache:
         metrics.gauge("cache_capacity_bytes", lambda: self.capacity_bytes)
         metrics.gauge("cache_pages_ready", lambda: len(self._policy))
         metrics.gauge("cache_pages_inflight", lambda: len(self._inflight))
+        metrics.gauge("cache_pinned_bytes", lambda: self._policy.pinned_bytes)
         if owns is not None:
             metrics.gauge("cache_pages_copies", lambda: self._policy.copies)
         if background:
@@ -873,12 +875,15 @@ class PageCache:
                                 account=False) is not None
 
     def fetch_pages(self, version: ObjectVersion, pages: range,
-                    priority: Priority = Priority.PRELOAD) -> list[Future]:
+                    priority: Priority = Priority.PRELOAD,
+                    origin_only: bool = False) -> list[Future]:
         """Get ``pages`` of ``version`` into the cache without reading them (preload; any
         thread, never blocks). READY pages are left alone; returns the futures of the
         others (claimed now, or already in flight and promoted to ``priority``). A page
-        fetched this way comes from its owner like any other (``origin_only`` is for
-        answering peers)."""
+        fetched this way comes from its owner like any other, unless ``origin_only`` (the
+        master's work: this host is the owner the master named, whatever its own member
+        list said a moment ago). A future resolves when the bytes arrive; the page is
+        READY (or not kept) once ``states`` no longer says INFLIGHT."""
         pages = range(max(0, pages.start), min(pages.stop, version.page_count()))
         claimed: list[tuple[int, Future]] = []
         joined: list[bytes] = []
@@ -897,10 +902,54 @@ class PageCache:
                 futures.append(fut)
         if claimed:  # readahead's pages are "prefetched" (no hit when read); preload's are hits
             self._start_fetches(version, claimed, prefetch=priority is Priority.READAHEAD,
-                                priority=priority)
+                                priority=priority, origin_only=origin_only)
         if joined:
             self._promote(joined, priority)
         return futures
+
+    def states(self, version: ObjectVersion, pages: range) -> list[PageState]:
+        """The state of each page of ``pages`` (one lock acquisition; any thread)."""
+        with self._lock:
+            out = []
+            for index in pages:
+                pid = page_id(version, index)
+                out.append(PageState.INFLIGHT if pid in self._inflight else
+                           PageState.READY if pid in self._policy else PageState.MISSING)
+            return out
+
+    # ---- pins (preload) --------------------------------------------------------------------
+
+    def pin(self, holder: str, version: ObjectVersion, pages: range) -> None:
+        """Pin ``pages`` of ``version`` for ``holder`` (a preload job): resident or not,
+        nothing evicts them until ``unpin(holder)`` (``cache.policy``: pins). Any thread,
+        never blocks."""
+        pids = [page_id(version, i) for i in pages]
+        with self._lock:
+            held = self._pins.setdefault(holder, set())
+            for pid in pids:
+                if pid not in held:
+                    held.add(pid)
+                    self._policy.pin(pid)
+
+    def unpin(self, holder: str) -> int:
+        """Release every pin of ``holder``; returns how many pages it had pinned."""
+        with self._lock:
+            held = self._pins.pop(holder, set())
+            for pid in held:
+                self._policy.unpin(pid)
+        return len(held)
+
+    def pin_holders(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pins)
+
+    def usage(self) -> dict[str, int]:
+        """Capacity, bytes used and pinned, free bytes on the cache filesystem (estimate)."""
+        with self._lock:
+            return {"capacity_bytes": self.capacity_bytes,
+                    "used_bytes": self._policy.used_bytes,
+                    "pinned_bytes": self._policy.pinned_bytes,
+                    "free_bytes": max(0, self._free_estimate)}
 
     def _read_ready(self, version: ObjectVersion, index: int, pid: bytes, lo: int,
                     hi: int, nowait: bool = False, account: bool = True,

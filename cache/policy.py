@@ -21,6 +21,14 @@ cheapest to lose), one that became owned goes last among the owned (this host is
 the cluster looks for it). Exact recency across the two classes is not kept over a change.
 Without a cluster every page is owned and the policies are exactly the plain ones.
 
+Pins (preload, README "Preload"): a page can be *pinned* by one or more holders (a running
+preload job), whether or not it is resident yet. A resident pinned page is in neither
+eviction order: nothing evicts it, not even ``resize``, until its last pin goes; it then
+returns as the most recently used page of its class. A page pinned before it is admitted is
+admitted pinned. Admission that would need to evict pinned bytes is refused (``admit``
+returns None), so a job never evicts its own pages: when pinned pages fill the cache, further
+pages are not kept and the job reports them failed.
+
 Memory: one ordered-dict entry per resident page (~150 bytes with its 20-byte id), so a
 1 TiB cache of 1 MiB pages costs ~150 MB of daemon memory.
 """
@@ -36,7 +44,9 @@ class EvictionPolicy(abc.ABC):
     """Resident-set bookkeeping. Not thread-safe: the page cache calls it under its lock.
 
     Two ordered dicts, page -> size: ``_copies`` (pages owned elsewhere) and ``_owned``;
-    each is in eviction order (first evicted first), and copies go before owned pages."""
+    each is in eviction order (first evicted first), and copies go before owned pages.
+    Resident pinned pages are in ``_pinned`` (page -> (size, owned)) instead; ``_pins``
+    counts the pins of every pinned page, resident or not."""
 
     name = "?"
 
@@ -47,42 +57,101 @@ class EvictionPolicy(abc.ABC):
         self.used_bytes = 0
         self._owned: OrderedDict[Hashable, int] = OrderedDict()
         self._copies: OrderedDict[Hashable, int] = OrderedDict()
+        self._pinned: dict[Hashable, tuple[int, bool]] = {}
+        self._pins: dict[Hashable, int] = {}
+        self.pinned_bytes = 0
+        self._pinned_copies = 0
 
     def __contains__(self, page: Hashable) -> bool:
-        return page in self._owned or page in self._copies
+        return page in self._owned or page in self._copies or page in self._pinned
 
     def __len__(self) -> int:
-        return len(self._owned) + len(self._copies)
+        return len(self._owned) + len(self._copies) + len(self._pinned)
 
     @property
     def copies(self) -> int:
         """How many resident pages are copies of pages owned elsewhere."""
-        return len(self._copies)
+        return len(self._copies) + self._pinned_copies
+
+    @property
+    def pinned(self) -> int:
+        """How many resident pages are pinned."""
+        return len(self._pinned)
 
     def is_copy(self, page: Hashable) -> bool:
+        if page in self._pinned:
+            return not self._pinned[page][1]
         return page in self._copies
 
+    def is_pinned(self, page: Hashable) -> bool:
+        return page in self._pins
+
     def pages(self) -> list[Hashable]:
-        """Resident pages, first evicted first."""
-        return [*self._copies, *self._owned]
+        """Resident pages, first evicted first (pinned ones last: never while pinned)."""
+        return [*self._copies, *self._owned, *self._pinned]
 
     def sizes(self) -> dict[Hashable, int]:
         """Resident page -> its size."""
-        return {**self._copies, **self._owned}
+        return {**self._copies, **self._owned,
+                **{page: size for page, (size, _) in self._pinned.items()}}
+
+    @property
+    def evictable_bytes(self) -> int:
+        return self.used_bytes - self.pinned_bytes
 
     def remove(self, page: Hashable) -> bool:
+        """Forget a resident page (evicted, dropped, corrupt); its pins stay, so it is
+        admitted pinned again if it comes back."""
         size = self._owned.pop(page, None)
         if size is None:
             size = self._copies.pop(page, None)
             if size is None:
-                return False
+                entry = self._pinned.pop(page, None)
+                if entry is None:
+                    return False
+                size, owned = entry
+                self.pinned_bytes -= size
+                self._pinned_copies -= not owned
         self.used_bytes -= size
         return True
 
     def _insert(self, page: Hashable, size: int, owned: bool = True) -> None:
         self.remove(page)
-        (self._owned if owned else self._copies)[page] = size
+        if page in self._pins:
+            self._pinned[page] = (size, owned)
+            self.pinned_bytes += size
+            self._pinned_copies += not owned
+        else:
+            (self._owned if owned else self._copies)[page] = size
         self.used_bytes += size
+
+    def pin(self, page: Hashable) -> None:
+        """Add a pin to ``page`` (resident or not)."""
+        count = self._pins.get(page, 0)
+        self._pins[page] = count + 1
+        if count:
+            return
+        owned = page in self._owned
+        size = self._owned.pop(page, None) if owned else self._copies.pop(page, None)
+        if size is not None:
+            self._pinned[page] = (size, owned)
+            self.pinned_bytes += size
+            self._pinned_copies += not owned
+
+    def unpin(self, page: Hashable) -> None:
+        """Take one pin off ``page``; with its last pin gone a resident page becomes the
+        most recently used of its class."""
+        count = self._pins.get(page, 0)
+        if count > 1:
+            self._pins[page] = count - 1
+            return
+        self._pins.pop(page, None)
+        entry = self._pinned.pop(page, None)
+        if entry is not None:
+            size, owned = entry
+            self.pinned_bytes -= size
+            self._pinned_copies -= not owned
+            (self._owned if owned else self._copies)[page] = size
 
     def _pop_first(self) -> Hashable:
         page, size = (self._copies or self._owned).popitem(last=False)
@@ -99,7 +168,7 @@ class EvictionPolicy(abc.ABC):
         """Set the capacity; return the pages evicted to fit it (in eviction order)."""
         self.capacity_bytes = max(0, capacity_bytes)
         victims = []
-        while self.used_bytes > self.capacity_bytes:
+        while self.used_bytes > self.capacity_bytes and (self._copies or self._owned):
             victims.append(self._pop_first())
         return victims
 
@@ -115,6 +184,13 @@ class EvictionPolicy(abc.ABC):
         new_copies: list[tuple[Hashable, int]] = []
         moved = 0
         for page, owned in changes:
+            entry = self._pinned.get(page)
+            if entry is not None:
+                if entry[1] != owned:
+                    self._pinned[page] = (entry[0], owned)
+                    self._pinned_copies += -1 if owned else 1
+                    moved += 1
+                continue
             if owned and page in self._copies:
                 self._owned[page] = self._copies.pop(page)
                 moved += 1
@@ -140,8 +216,9 @@ class LruPolicy(EvictionPolicy):
     name = "lru"
 
     def admit(self, page: Hashable, size: int, owned: bool = True) -> list[Hashable] | None:
-        if size > self.capacity_bytes:
-            return None
+        already = self._pinned.get(page, (0, True))[0]
+        if self.pinned_bytes - already + size > self.capacity_bytes:
+            return None  # only by evicting pinned pages (or never: larger than the cache)
         self.remove(page)
         victims = []
         while self.used_bytes + size > self.capacity_bytes:

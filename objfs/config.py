@@ -205,6 +205,7 @@ class MountConfig:
     cluster_secret: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
     peer_serve_limit_bytes: int | None = None   # bytes/s served to peers
     origin_read_limit_bytes: int | None = None  # bytes/s of ranged GETs
+    master_url: str | None = None        # --master: register, heartbeat, run preload work
 
     @property
     def cluster(self) -> bool:
@@ -222,7 +223,7 @@ class MountConfig:
                peer_listen: str | None = None, peers: str | list[str] | None = None,
                cluster_secret_file: str | None = None, peer_advertise: str | None = None,
                peer_serve_limit: str | None = None, origin_read_limit: str | None = None,
-               random_prefetch: str | None = None,
+               random_prefetch: str | None = None, master: str | None = None,
                **rest: object) -> "MountConfig":
         """Validate CLI-level values and build the config. Raises ConfigError."""
         bucket, prefix = parse_s3_url(url)
@@ -265,7 +266,7 @@ class MountConfig:
         if metrics_addr is not None:
             kwargs["metrics_addr"] = parse_host_port(metrics_addr, "--metrics-addr")
         kwargs.update(_cluster_settings(peer_listen, peers, cluster_secret_file, peer_advertise,
-                                        peer_serve_limit))
+                                        peer_serve_limit, master))
         if origin_read_limit is not None:
             kwargs["origin_read_limit_bytes"] = parse_rate(origin_read_limit,
                                                            "--origin-read-limit")
@@ -317,8 +318,13 @@ class MountConfig:
 
 def _cluster_settings(peer_listen: str | None, peers: str | list[str] | None,
                       secret_file: str | None, advertise: str | None,
-                      serve_limit: str | None) -> dict[str, object]:
-    """Validate the peer-cache flags together; reads and checks the secret file."""
+                      serve_limit: str | None, master: str | None = None) -> dict[str, object]:
+    """Validate the peer-cache and master flags together; reads and checks the secret file.
+
+    ``--master`` needs ``--peer-listen``: a member is known by its peer address, and the
+    extents the master gives it are the ones the other members will ask it for. With
+    ``--master``, ``--peers`` is optional: the first member list, until the master answers.
+    """
     from objfs.cluster import load_cluster_secret
 
     peer_list = [peers] if isinstance(peers, str) else list(peers or [])
@@ -326,6 +332,10 @@ def _cluster_settings(peer_listen: str | None, peers: str | list[str] | None,
     if peer_list and not any(items):
         raise ConfigError("--peers: empty list (expected HOST:PORT,HOST:PORT,...)")
     if peer_listen is None:
+        if master is not None:
+            raise ConfigError("--master needs --peer-listen HOST:PORT (a member is known by "
+                              "its peer-cache address, where the others fetch what it "
+                              "preloads) and --cluster-secret-file FILE")
         for flag, value in (("--peers", peers), ("--cluster-secret-file", secret_file),
                             ("--peer-advertise", advertise),
                             ("--peer-serve-limit", serve_limit)):
@@ -334,8 +344,9 @@ def _cluster_settings(peer_listen: str | None, peers: str | list[str] | None,
                                   "peer-cache address)")
         return {}
     if secret_file is None:
-        raise ConfigError("--peer-listen needs --cluster-secret-file FILE (the secret every "
-                          "member of the cluster shares)")
+        raise ConfigError(f"{'--master' if master else '--peer-listen'} needs "
+                          "--cluster-secret-file FILE (the secret every member of the "
+                          "cluster, and its master, share)")
     listen = parse_host_port(peer_listen, "--peer-listen")
     if advertise is not None:
         host, port = parse_host_port(advertise, "--peer-advertise")
@@ -364,4 +375,10 @@ def _cluster_settings(peer_listen: str | None, peers: str | list[str] | None,
     }
     if serve_limit is not None:
         settings["peer_serve_limit_bytes"] = parse_rate(serve_limit, "--peer-serve-limit")
+    if master is not None:
+        from objfs.master.client import parse_master_url
+
+        scheme, host, port = parse_master_url(master.strip())
+        settings["master_url"] = f"{scheme}://{host}:{port}" if ":" not in host \
+            else f"{scheme}://[{host}]:{port}"
     return settings

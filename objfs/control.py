@@ -11,6 +11,11 @@ Prometheus (``/metrics`` only there: commands never listen on TCP).
                                 {"cluster": false}
     POST /refresh?path=REL      relist PREFIX/REL now (the whole mount without path)
     POST /cache/drop?path=REL   remove the cached pages of a file, or of every file under a dir
+    POST /preload?path=REL[&bandwidth_limit=BYTES_PER_S]
+                                warm this host's cache with a file or dir (``objfs.warmup``):
+                                answers the new job's status (the master's status format)
+    GET  /preload               {"jobs": [status, ...]} (newest first)
+    GET  /preload/ID            a job's status;  DELETE /preload/ID  cancels it
 
 Commands run in a worker thread (they list the origin or delete files), never on the loop.
 ``objfs stats|refresh|cache drop MOUNTPOINT`` find the socket through the root's
@@ -20,6 +25,7 @@ Commands run in a worker thread (they list the origin or delete files), never on
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -74,6 +80,19 @@ def prometheus_text(metrics: dict[str, float], labels: dict[str, str],
     return "\n".join(lines) + "\n"
 
 
+def _limit(query: Mapping[str, str]) -> int | None:
+    text = query.get("bandwidth_limit")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ObjfsError(f"bandwidth_limit must be bytes per second, not {text!r}") from None
+    if value <= 0:
+        raise ObjfsError("bandwidth_limit must be positive")
+    return value
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -85,7 +104,8 @@ class ControlServer:
                  socket_path: Path, refresh: Callable[[str], dict[str, Any]],
                  drop: Callable[[str], dict[str, Any]],
                  metrics_addr: tuple[str, int] | None = None,
-                 peers: Callable[[], dict[str, Any]] | None = None) -> None:
+                 peers: Callable[[], dict[str, Any]] | None = None,
+                 preloads: Any = None) -> None:
         self._loop = loop  # objfs.loop.EventLoopThread
         self._metrics = metrics
         self._info = info
@@ -94,6 +114,7 @@ class ControlServer:
         self._drop = drop
         self._metrics_addr = metrics_addr
         self._peers = peers
+        self._preloads = preloads  # objfs.warmup.LocalPreloads
         self._runner: web.AppRunner | None = None
         self._prom_runner: web.AppRunner | None = None
 
@@ -117,6 +138,15 @@ class ControlServer:
         app.router.add_get("/peers", self._peer_list)
         app.router.add_post("/refresh", self._command(self._refresh))
         app.router.add_post("/cache/drop", self._command(self._drop))
+        if self._preloads is not None:
+            preloads = self._preloads
+            app.router.add_post("/preload", self._call(
+                lambda r: preloads.start(r.query.get("path", ""), _limit(r.query))))
+            app.router.add_get("/preload", self._call(lambda r: {"jobs": preloads.list()}))
+            app.router.add_get("/preload/{id}", self._call(
+                lambda r: preloads.status(r.match_info["id"])))
+            app.router.add_delete("/preload/{id}", self._call(
+                lambda r: preloads.cancel(r.match_info["id"])))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
@@ -169,11 +199,18 @@ class ControlServer:
         return web.json_response({"cluster": True, **self._peers()})
 
     def _command(self, fn: Callable[[str], dict[str, Any]]) -> Any:
+        return self._call(lambda request: fn(request.query.get("path", "")))
+
+    def _call(self, fn: Callable[[web.Request], dict[str, Any]]) -> Any:
+        """A handler running ``fn(request)`` in a worker thread: its result as JSON, an
+        ``ObjfsError`` as ``{"error", "errno"}`` with 404 (ENOENT) or 400."""
         async def handler(request: web.Request) -> web.Response:
-            path = request.query.get("path", "")
             try:
-                result = await asyncio.get_running_loop().run_in_executor(None, fn, path)
+                result = await asyncio.get_running_loop().run_in_executor(None, fn, request)
             except ObjfsError as exc:
+                if exc.errno == errno.ENOENT:
+                    return web.json_response({"error": str(exc), "errno": exc.errno},
+                                             status=404)
                 return web.json_response({"error": str(exc), "errno": exc.errno}, status=400)
             except Exception as exc:
                 log.exception("control command %s failed", request.path)

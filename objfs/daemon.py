@@ -10,7 +10,12 @@ signalled (SIGTERM/SIGINT/SIGHUP end the FUSE loop; the mount is then removed).
 With ``--peer-listen`` the daemon is a member of a cluster (``cache.peer``): the peer server
 starts on the event loop right after the page cache opens (so a port in use fails the mount
 at once), the peer source goes in front of the origin, and the page cache cuts runs at the
-ring's extents and evicts copies before owned pages.
+ring's extents and evicts copies before owned pages. With ``--master`` the member list comes
+from the master (``master.agent``: registration, heartbeats, preload work), which starts
+once the mount is up and leaves the master when it stops.
+
+Every daemon runs local preloads (``objfs preload MOUNTPOINT/PATH``, ``objfs.warmup``)
+through its control endpoint.
 
 A cold mount (no complete tree in the cache dir) lists the prefix before it reports ready, so
 the first ``ls`` sees everything. A remount with a complete tree serves at once; the
@@ -36,8 +41,10 @@ from pathlib import Path
 from objfs.cache.limits import TokenBucket
 from objfs.cache.pagecache import PageCache
 from objfs.cache.peer import PeerService
+from objfs.cache.preload import ExtentFetcher
+from objfs.cache.ring import DEFAULT_EXTENT_PAGES
 from objfs.cache.sources import OriginSource, SourceChain
-from objfs.cluster import StaticMembership
+from objfs.cluster import MutableMembership, StaticMembership
 from objfs.config import MiB, MountConfig
 from objfs.control import SOCKET_NAME, ControlServer
 from objfs.errors import ConfigError, NotFound, ObjfsError
@@ -272,7 +279,11 @@ def start_peers(config: MountConfig, metrics: Metrics) -> PeerService | None:
         return None
     assert config.peer_id is not None and config.peer_listen is not None
     assert config.cluster_secret is not None
-    membership = StaticMembership(config.peer_id, config.peers)
+    membership: StaticMembership | MutableMembership
+    if config.master_url:
+        membership = MutableMembership(config.peer_id, initial=config.peers)
+    else:
+        membership = StaticMembership(config.peer_id, config.peers)
     serve_limit = TokenBucket(config.peer_serve_limit_bytes) \
         if config.peer_serve_limit_bytes else None
     log.info("peer cache: this host is %s, members %s", config.peer_id,
@@ -309,9 +320,26 @@ def open_page_cache(config: MountConfig, store: ObjectStore, loop: EventLoopThre
     return cache
 
 
+def start_master_agent(config: MountConfig, peers: PeerService, fetcher: ExtentFetcher,
+                       loop: EventLoopThread, metrics: Metrics):  # -> MasterAgent
+    """The member side of ``--master`` (not started yet)."""
+    from objfs.master.agent import MasterAgent
+    from objfs.master.client import MasterClient
+    from objfs.master.protocol import Origin, normalize_endpoint
+
+    assert config.master_url is not None and config.cluster_secret is not None
+    membership = peers.membership
+    assert isinstance(membership, MutableMembership)
+    origin = Origin(normalize_endpoint(config.store.endpoint), config.store.bucket,
+                    config.store.prefix)
+    client = MasterClient(config.master_url, config.cluster_secret, timeout=10.0)
+    return MasterAgent(client, membership, origin, fetcher, loop, metrics)
+
+
 def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, fs: Filesystem,
                   refresher: Refresher, url: str,
-                  peers: PeerService | None = None) -> ControlServer:
+                  peers: PeerService | None = None, preloads: object = None,
+                  agent: object = None) -> ControlServer:
     """The control endpoint: stats, refresh and cache-drop commands, Prometheus metrics."""
 
     def refresh(path: str) -> dict[str, object]:
@@ -326,13 +354,20 @@ def start_control(config: MountConfig, loop: EventLoopThread, metrics: Metrics, 
         scope = f"{scope}/" if scope else ""
         return dataclasses.asdict(refresher.refresh_now(scope))
 
+    def describe_peers() -> dict[str, object]:
+        assert peers is not None
+        info = peers.describe()
+        if agent is not None:
+            info["master"] = agent.describe()  # type: ignore[attr-defined]
+        return info
+
     control = ControlServer(
         loop=loop, metrics=metrics, socket_path=config.cache_dir / SOCKET_NAME,
         info={"source": url, "mountpoint": str(config.mountpoint), "pid": os.getpid(),
               "cache_dir": str(config.cache_dir), "cache_policy": config.cache_policy,
               "cache_size_bytes": config.cache_size_bytes},
         refresh=refresh, drop=fs.drop_cached, metrics_addr=config.metrics_addr,
-        peers=peers.describe if peers is not None else None)
+        peers=describe_peers if peers is not None else None, preloads=preloads)
     control.start()
     return control
 
@@ -384,6 +419,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
     control: ControlServer | None = None
     peers: PeerService | None = None
     peers_started = False
+    preloads = None
+    agent = None
     mounted = False
     try:
         ledger = UploadLedger(config.cache_dir / "uploads", config.store.bucket)
@@ -422,7 +459,16 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
         refresher = Refresher(tree, store, config.ttl_s, fs)
         refresher.start()
         metrics.gauge("tree_objects", tree.count)
-        control = start_control(config, loop, metrics, fs, refresher, url, peers)
+        from objfs.warmup import LocalPreloads
+
+        fetcher = ExtentFetcher(cache, metrics, concurrency=config.read_parallelism)
+        extent_pages = peers.membership.ring().extent_pages if peers is not None \
+            else DEFAULT_EXTENT_PAGES
+        preloads = LocalPreloads(tree, fs.version_of, fetcher, loop, extent_pages=extent_pages)
+        if config.master_url and peers is not None:
+            agent = start_master_agent(config, peers, fetcher, loop, metrics)
+        control = start_control(config, loop, metrics, fs, refresher, url, peers, preloads,
+                                agent)
         options = fuse_adapter.mount_options(
             fsname=f"objfs:{config.store.bucket}/{config.store.prefix}".rstrip("/"),
             allow_other=config.allow_other, read_only=config.read_only,
@@ -433,6 +479,8 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
             mounted = True
             log.info("mounted %s at %s (pid %d)", url, config.mountpoint, os.getpid())
             ready(None)
+            if agent is not None:
+                agent.start()
             if leftovers:
                 threading.Thread(target=abort_leftover_uploads, args=(store, leftovers, metrics),
                                  name="objfs-leftovers", daemon=True).start()
@@ -454,6 +502,10 @@ def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) 
         return 1
     finally:
         t0 = time.monotonic()
+        if agent is not None:
+            agent.stop(leave=True)
+        if preloads is not None:
+            preloads.stop()
         if control is not None:
             control.stop()
         if refresher is not None:

@@ -89,13 +89,17 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
                       help="the members of the cluster (their --peer-advertise addresses; "
                       "may include this host)")
     peer.add_argument("--cluster-secret-file", metavar="FILE",
-                      help="the secret the members share (mode 0600; needed with "
-                      "--peer-listen)")
+                      help="the secret the members (and the master) share (mode 0600; "
+                      "needed with --peer-listen)")
     peer.add_argument("--peer-advertise", metavar="HOST:PORT",
                       help="the address the other members know this host by (default: "
                       "the --peer-listen address; required if that is a wildcard)")
     peer.add_argument("--peer-serve-limit", metavar="RATE",
                       help="most bytes/s served to peers, e.g. 200M (default: no limit)")
+    peer.add_argument("--master", metavar="URL",
+                      help="register with this preload master (objfs master), take the "
+                      "member list from it and run its preload work (needs --peer-listen; "
+                      "--peers then only seeds the list)")
     p.add_argument("--origin-read-limit", metavar="RATE",
                    help="most bytes/s of ranged GETs from the origin, e.g. 400M "
                    "(default: no limit)")
@@ -144,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_drop.add_argument("mountpoint", metavar="MOUNTPOINT")
     p_drop.add_argument("path", metavar="PATH", help="file or directory under the mount")
     p_drop.set_defaults(func=cmd_cache_drop)
+
+    from objfs.tools import preload as preload_cli  # objfs master, preload, sign
+
+    preload_cli.register(sub)
     return parser
 
 
@@ -217,7 +225,8 @@ def _config_from_args(args: argparse.Namespace) -> MountConfig:
         log_level=args.log_level,
         log_file=args.log_file, peer_listen=args.peer_listen, peers=args.peers,
         cluster_secret_file=args.cluster_secret_file, peer_advertise=args.peer_advertise,
-        peer_serve_limit=args.peer_serve_limit, origin_read_limit=args.origin_read_limit)
+        peer_serve_limit=args.peer_serve_limit, origin_read_limit=args.origin_read_limit,
+        master=args.master)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

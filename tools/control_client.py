@@ -202,6 +202,15 @@ def peers_table(info: dict[str, Any]) -> list[str]:
              f"{info.get('extent_pages')} pages",
              f"{'member':<24} {'state':<22} {'in MiB':>9} {'out MiB':>9} {'asked':>7} "
              f"{'served':>7} {'fallbk':>7} {'owner GETs':>10}  last error"]
+    master = info.get("master")
+    if master:
+        ago = master.get("last_heartbeat_s_ago")
+        line = (f"master: {master['url']} {master['state']}"
+                + (f", last heartbeat {ago:.1f}s ago" if ago is not None else "")
+                + f", {master.get('extents_held', 0)} preload extents held")
+        if master.get("last_error"):
+            line += f" ({master['last_error']})"
+        lines.insert(1, line)
     for m in info.get("members", []):
         state = m["state"]
         if m.get("retry_in_s"):

@@ -16,6 +16,7 @@ from bench.workloads.cluster import ClusterWorkload
 from bench.workloads.listing import ListingWorkload
 from bench.workloads.netcal import NetcalWorkload
 from bench.workloads.pagecache import PagecacheWorkload
+from bench.workloads.preload import PreloadWorkload
 from bench.workloads.randread import RandreadWorkload
 from bench.workloads.relist import RelistWorkload
 from bench.workloads.seqread import SeqreadWorkload
@@ -24,4 +25,5 @@ from bench.workloads.write import WriteWorkload
 
 WORKLOADS = {w.name: w for w in (NetcalWorkload, PagecacheWorkload, SeqreadWorkload,
                                  RandreadWorkload, SmallfilesWorkload, WriteWorkload,
-                                 ListingWorkload, RelistWorkload, ClusterWorkload)}
+                                 ListingWorkload, RelistWorkload, ClusterWorkload,
+                                 PreloadWorkload)}

@@ -421,3 +421,66 @@ def test_owned_pages_survive_a_scan_of_copies() -> None:
     for i in range(1000):
         p.admit(f"c{i}", 1, owned=False)
     assert set(owned) <= set(p.pages()) and p.copies == 40
+
+
+# ---- pins (preload) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", [LruPolicy, UniformPolicy])
+def test_pinned_pages_are_never_evicted_and_admission_refuses_instead(policy) -> None:
+    p = policy(4)
+    for page in ("a", "b"):
+        p.pin(page)          # pinned before they are resident: admitted pinned
+        assert p.admit(page, 1) == []
+    p.admit("x", 1)
+    p.admit("y", 1, owned=False)
+    assert p.pinned == 2 and p.pinned_bytes == 2 and p.evictable_bytes == 2
+    assert p.resize(1) == ["y", "x"]  # resize evicts around the pins, never below them
+    assert p.used_bytes == 2 and set(p.pages()) == {"a", "b"}
+    p.resize(2)
+    p.pin("c")
+    assert p.admit("c", 1) is None     # only by evicting pinned pages: refused
+    assert "c" not in p and p.used_bytes == 2
+
+
+def test_a_job_never_evicts_its_own_pages_under_lru() -> None:
+    """A preload of more than fits: the first pages stay, the rest is refused."""
+    p = LruPolicy(10)
+    for i in range(5):
+        p.admit(f"old{i}", 1)
+    kept = []
+    for i in range(14):
+        p.pin(f"job{i}")
+        if p.admit(f"job{i}", 1) is not None:
+            kept.append(f"job{i}")
+    assert kept == [f"job{i}" for i in range(10)]   # the others' pages went first
+    assert set(p.pages()) == set(kept)
+
+
+def test_unpinned_pages_return_as_most_recent_and_pins_count() -> None:
+    p = LruPolicy(3)
+    p.admit("a", 1)
+    p.admit("b", 1)
+    p.pin("a")
+    p.pin("a")             # two holders
+    p.admit("c", 1)
+    p.unpin("a")
+    assert p.is_pinned("a") and p.admit("d", 1) == ["b"]
+    p.unpin("a")
+    assert not p.is_pinned("a")
+    assert p.pages() == ["c", "d", "a"]  # back as the most recently used
+    p.unpin("never-pinned")              # harmless
+    assert p.used_bytes == 3 and p.pinned_bytes == 0
+
+
+def test_pins_survive_removal_and_reclassify_keeps_them() -> None:
+    p = LruPolicy(4)
+    p.pin("a")
+    p.admit("a", 1, owned=False)
+    assert p.copies == 1 and p.is_copy("a")
+    assert p.reclassify([("a", True)]) == 1
+    assert p.copies == 0 and not p.is_copy("a") and p.pinned == 1
+    assert p.remove("a") and p.pinned_bytes == 0 and p.used_bytes == 0
+    p.admit("a", 1)        # refetched after a corruption: pinned again
+    assert p.pinned == 1
+    p.unpin("a")
+    assert p.pages() == ["a"] and not p.is_copy("a")
