@@ -4,7 +4,6 @@
     python bench/scripts/readfiles.py --threads 16 --list FILE   (one path per line)
     python bench/scripts/readfiles.py --threads 8 --shuffle 1 --list FILE
 
-
 Each thread takes the next path, opens it, reads it to EOF in 1 MiB reads and closes it
 (``os.read`` releases the GIL, so the threads overlap their I/O). ``--shuffle SEED`` reads
 the paths in a random order drawn from SEED (a DataLoader with ``shuffle=True``: the next
