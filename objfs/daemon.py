@@ -30,6 +30,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import resource
 import shutil
 import stat
 import sys
@@ -400,9 +401,24 @@ def abort_leftover_uploads(store: ObjectStore, leftovers: list[PendingUpload],
     return aborted
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the page cache keeps page files open
+    between hits, up to half the limit); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.info("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
 def run(config: MountConfig, lock_fd: int, ready: Callable[[str | None], None]) -> int:
     """Serve the mount. ``ready(None)`` once mounted, ``ready(message)`` on a start-up error."""
     from objfs import fuse_adapter  # the only llfuse import, kept out of the CLI's start-up
+
+    raise_open_files_limit()
 
     previous_stop_clean = write_lock_owner(lock_fd)
     if boot_changed(config.cache_dir) and not previous_stop_clean:
