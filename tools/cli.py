@@ -45,7 +45,10 @@ def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir-mode", help="permission bits of directories, octal (default 0755)")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
                    help="extra FUSE mount options, passed through")
-    p.add_argument("--fuse-workers", type=int, default=16, help="FUSE worker threads")
+    p.add_argument("--fuse-workers", type=int, default=16,
+                   help="FUSE worker threads: requests that wait (origin misses, uploads at "
+                        "close) in progress at once (default 16; fewer is faster for cache "
+                        "hits only, see README)")
     p.add_argument("--read-parallelism", type=int, default=16,
                    help="ranged GETs in flight for the mount (default 16)")
     p.add_argument("--read-request-size", metavar="SIZE",
