@@ -230,20 +230,28 @@ def test_four_members_read_the_same_64mib_file_at_once_cold(cluster, s3, bucket)
 
 def test_a_member_reads_what_another_cached_with_no_origin_bytes(cluster, s3, bucket):
     data = os.urandom(24 * MiB)
-    s3.put_object(Bucket=bucket, Key="data/shard-0.tar", Body=data)
     cluster.plan(3)
+    a, b, c = cluster.members
+    # One 8 MiB extent owned by each member (with a random key, B owned all three in 1 of 27
+    # runs, and then had nothing to ask its peers).
+    v = key_where(cluster, bucket, data, lambda v: sorted(
+        cluster.ring().owner(v, 8 * e) for e in range(3)) == sorted([a.id, b.id, c.id]),
+        stem="data/shard")
+    s3.put_object(Bucket=bucket, Key=v.key, Body=data)
     metrics_port = free_port()
-    a, b, c = cluster.start(f"s3://{bucket}", per_member=lambda i: [
+    cluster.start(f"s3://{bucket}", per_member=lambda i: [
         "--metrics-addr", f"127.0.0.1:{metrics_port}"] if i == 1 else [])
-    assert sha(read_file(a.path / "data/shard-0.tar")) == sha(data)
+    assert sha(read_file(a.path / v.key)) == sha(data)
     settle(cluster)
     assert cluster.origin_bytes() == len(data)  # each page once, by its owner
     before = cluster.origin_bytes()
-    assert sha(read_file(b.path / "data/shard-0.tar")) == sha(data)
+    assert sha(read_file(b.path / v.key)) == sha(data)
     settle(cluster)
     assert cluster.origin_bytes() == before  # 0 origin bytes for B's read
     sb = stats(b)
-    assert sb["read_peer_bytes"] > 0 and sb.get("read_origin_bytes", 0) <= len(data)
+    # B's own extent is on its disk (it fetched it for A); the other two come from A and C.
+    assert sb["read_peer_bytes"] == 16 * MiB, sb.get("read_peer_bytes")
+    assert sb.get("read_origin_bytes", 0) <= len(data)
     assert sb.get("peer_fallbacks_total", 0) == 0
 
     # `objfs peers`: B sees A and C up, with bytes exchanged.
