@@ -1250,3 +1250,34 @@ def test_a_sequential_reader_of_ready_pages_gets_their_files_opened_ahead(env: E
     assert env.metrics.get("readahead_warmed_pages_total") > 0
     # Pages ahead are open now: the hit path serves them without opening anything.
     assert cache.read_if_ready(v, 6 * P, 4096) in (data[6 * P:6 * P + 4096], None)
+
+
+def test_open_page_files_budget_follows_the_descriptor_limit(monkeypatch) -> None:
+    """Half of the soft RLIMIT_NOFILE minus 1024 for the rest of the daemon, within bounds:
+    a 1 GiB random working set (1,024 pages) stays open under the usual 1,048,576 limit."""
+    from objfs.cache import pagecache
+
+    def limit(soft):
+        monkeypatch.setattr(pagecache.resource, "getrlimit", lambda _: (soft, soft))
+        return pagecache.open_page_files_budget()
+
+    assert limit(1024) == 256  # the floor: a low limit keeps what objfs always kept
+    assert limit(20000) == (20000 - 1024) // 2
+    assert limit(1048576) == 16384  # the ceiling: 16 GiB of pages
+    assert limit(pagecache.resource.RLIM_INFINITY) == 16384
+
+
+def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one() -> None:
+    import resource
+
+    from objfs.daemon import raise_open_files_limit
+
+    was, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit here ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        assert raise_open_files_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (was, hard))
