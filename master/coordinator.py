@@ -81,6 +81,14 @@ class Settings:
             raise ValueError("attempts and tasks per reply must be >= 1")
 
 
+def _id_ms(job_id: str) -> int:
+    """The creation-time part of a job id (``Coordinator._new_id``); -1 if it has none."""
+    try:
+        return int(job_id[:11], 16)
+    except ValueError:
+        return -1
+
+
 class Coordinator:
     def __init__(self, state: StateStore, origin: OriginLister, *,
                  settings: Settings = Settings(),
@@ -628,10 +636,12 @@ class Coordinator:
         return job
 
     def _new_id(self, now: float) -> str:
-        while True:  # creation time first (ids sort by age), then randomness
-            job_id = f"{int(now * 1000):011x}{secrets.token_hex(3)[:5]}"
-            if job_id not in self._jobs:
-                return job_id
+        """Creation time in ms first, so ids sort by age (``list_jobs``, and which final
+        jobs are forgotten first), then randomness. The ms part is kept strictly above every
+        known job's: two jobs submitted within one millisecond (or after the clock stepped
+        back) still sort in submission order, and an id can never repeat a known one."""
+        newest = max((_id_ms(job_id) for job_id in self._jobs), default=-1)
+        return f"{max(int(now * 1000), newest + 1):011x}{secrets.token_hex(3)[:5]}"
 
     def _job_info(self, job_id: str) -> JobInfo:
         job = self._jobs.get(job_id)

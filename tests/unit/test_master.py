@@ -377,6 +377,21 @@ def test_old_final_jobs_are_forgotten(tmp_path) -> None:
         coordinator.status(ids[0])
 
 
+def test_jobs_submitted_within_one_millisecond_keep_their_order(tmp_path) -> None:
+    clock, planner = Clock(), Sync()
+    coordinator = Coordinator(StateStore(tmp_path / "state"), FakeOrigin({"e/1": 0}),
+                              settings=Settings(heartbeat_interval_s=1, member_timeout_s=10,
+                                                keep_jobs=3),
+                              clock=clock, planner=planner,  # type: ignore[arg-type]
+                              wall_clock=lambda: 1_800_000_000.0)  # a clock that stands still
+    coordinator.resume()
+    beat(coordinator, A, want=0)
+    ids = [coordinator.submit(PreloadRequest("data", path="e/"))["id"] for _ in range(20)]
+    assert ids == sorted(ids) and len(set(ids)) == 20
+    coordinator.sweep()
+    assert [j["id"] for j in coordinator.list_jobs()] == ids[:-4:-1]  # the 3 newest
+
+
 def test_a_member_changing_its_mount_is_a_new_member(tmp_path) -> None:
     coordinator, _, _ = make(tmp_path, FakeOrigin(DATASET))
     beat(coordinator, A, want=0)
