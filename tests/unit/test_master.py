@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -220,12 +221,14 @@ class Sync:
             fn(*args)
 
 
-def make(tmp_path: Path, origin: FakeOrigin, **settings) -> tuple[Coordinator, Clock, Sync]:
+def make(tmp_path: Path, origin: FakeOrigin, wall_clock=time.time,
+         **settings) -> tuple[Coordinator, Clock, Sync]:
     clock, planner = Clock(), Sync()
     coordinator = Coordinator(StateStore(tmp_path / "state"), origin,
                               settings=Settings(heartbeat_interval_s=1, member_timeout_s=10,
                                                 **settings),
-                              clock=clock, planner=planner)  # type: ignore[arg-type]
+                              clock=clock, planner=planner,  # type: ignore[arg-type]
+                              wall_clock=wall_clock)
     coordinator.resume()
     return coordinator, clock, planner
 
@@ -378,13 +381,8 @@ def test_old_final_jobs_are_forgotten(tmp_path) -> None:
 
 
 def test_jobs_submitted_within_one_millisecond_keep_their_order(tmp_path) -> None:
-    clock, planner = Clock(), Sync()
-    coordinator = Coordinator(StateStore(tmp_path / "state"), FakeOrigin({"e/1": 0}),
-                              settings=Settings(heartbeat_interval_s=1, member_timeout_s=10,
-                                                keep_jobs=3),
-                              clock=clock, planner=planner,  # type: ignore[arg-type]
-                              wall_clock=lambda: 1_800_000_000.0)  # a clock that stands still
-    coordinator.resume()
+    coordinator, _, _ = make(tmp_path, FakeOrigin({"e/1": 0}), keep_jobs=3,
+                             wall_clock=lambda: 1_800_000_000.0)  # a clock that stands still
     beat(coordinator, A, want=0)
     ids = [coordinator.submit(PreloadRequest("data", path="e/"))["id"] for _ in range(20)]
     assert ids == sorted(ids) and len(set(ids)) == 20
